@@ -1,0 +1,47 @@
+# Set-up and entry points. `make demo` and `make test` each create or reuse
+# the virtual environment in .venv and install what they need first.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+RUNTIME_STAMP := $(VENV)/.runtime-installed
+TEST_STAMP := $(VENV)/.test-installed
+DEMO_DIR ?= $(CURDIR)/.demo
+
+.PHONY: setup setup-test demo app test e2e bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+$(RUNTIME_STAMP): requirements.txt | $(PY)
+	$(PY) -m pip install -r requirements.txt
+	$(PY) .ci/ensure_mongod.py
+	touch $@
+
+$(TEST_STAMP): requirements-test.txt $(RUNTIME_STAMP)
+	$(PY) -m pip install -r requirements-test.txt
+	touch $@
+
+setup: $(RUNTIME_STAMP)
+
+setup-test: $(TEST_STAMP)
+
+# The demo keeps its database and files in .demo/, never in ~/.fiftyone
+demo: setup
+	FIFTYONE_DATABASE_DIR=$(DEMO_DIR)/db $(PY) -m cam_plugin.demo --dir $(DEMO_DIR) $(ARGS)
+
+app: setup
+	FIFTYONE_DATABASE_DIR=$(DEMO_DIR)/db $(PY) -m cam_plugin.demo --dir $(DEMO_DIR) --app $(ARGS)
+
+test: setup-test
+	$(PY) -m pytest tests $(ARGS)
+
+e2e: setup-test
+	$(PY) -m pytest tests/e2e $(ARGS)
+
+bench: setup-test
+	$(PY) bench/throughput.py $(ARGS)
+
+clean:
+	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache

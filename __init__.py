@@ -1,0 +1,134 @@
+"""FiftyOne operators of the CAM plugin: forms from :mod:`cam_plugin.forms`,
+work done by the :mod:`cam_plugin` library."""
+
+import os
+import sys
+import time
+
+import fiftyone.operators as foo
+import fiftyone.operators.types as types
+
+# The library lives beside this file; importing it by its own name keeps a
+# single copy whether it is used from Python or from the App
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if _HERE not in sys.path:
+    sys.path.insert(0, _HERE)
+
+import cam_plugin  # noqa: E402
+from cam_plugin import forms  # noqa: E402
+from cam_plugin.pipeline import CamRun  # noqa: E402
+
+_PROGRESS_EVERY_S = 0.5
+
+
+def _delegation(ctx):
+    # Python callers ask with delegate=...; App users choose in the App
+    delegate = ctx.params.get("delegate")
+    return None if delegate is None else bool(delegate)
+
+
+class ComputeCams(foo.Operator):
+    @property
+    def config(self):
+        return foo.OperatorConfig(
+            name="compute_cams",
+            label="Compute class activation maps",
+            description="Predictions and heatmaps of where the model looks",
+            dynamic=True,
+            execute_as_generator=True,
+            allow_immediate_execution=True,
+            allow_delegated_execution=True,
+        )
+
+    def __call__(self, sample_collection, model, delegate=False, **kwargs):
+        """Runs the operator from Python.
+
+        Args:
+            sample_collection: a dataset or view
+            model: a model specification string (see
+                :func:`cam_plugin.compute_cams`)
+            delegate (False): whether to queue the run for a delegated
+                operation worker
+            **kwargs: the form's parameters: ``method``, ``target_layer``,
+                ``targets`` ("pred", "gt" or "both"), ``label_field``,
+                ``pred_field``, ``heatmap_field``, ``batch_size``,
+                ``device``, ``overwrite``
+        """
+        params = dict(kwargs, model=str(model), delegate=delegate)
+        ctx = dict(view=sample_collection.view())
+        return foo.execute_operator(self.uri, ctx, params=params, request_delegation=delegate)
+
+    def resolve_input(self, ctx):
+        inputs = types.Object()
+        forms.compute_cams_inputs(ctx, inputs)
+        return types.Property(inputs, view=types.View(label="Compute class activation maps"))
+
+    def resolve_delegation(self, ctx):
+        return _delegation(ctx)
+
+    def execute(self, ctx):
+        run = CamRun(ctx.target_view(), **forms.compute_cams_kwargs(ctx.params))
+        if ctx.delegated:
+            return _run_reporting(ctx, run)
+
+        # immediate execution streams progress to the App as a generator
+        return _stream_to_app(ctx, run, self.resolve_output(ctx))
+
+    def resolve_output(self, ctx):
+        outputs = types.Object()
+        outputs.str("run_key", label="Run key")
+        outputs.int("processed", label="Samples processed")
+        outputs.int("failed", label="Samples failed")
+        outputs.int("skipped", label="Samples already done")
+        outputs.obj("errors", label="Failure reasons", view=types.JSONView())
+        return types.Property(outputs, view=types.View(label="Class activation maps computed"))
+
+
+def _run_reporting(ctx, run):
+    summary = None
+    for update in _progress_updates(run):
+        if isinstance(update, dict):
+            summary = update
+        else:
+            ctx.set_progress(progress=update[0], label=update[1])
+    return summary
+
+
+def _stream_to_app(ctx, run, outputs):
+    summary = None
+    for update in _progress_updates(run):
+        if isinstance(update, dict):
+            summary = update
+        else:
+            yield ctx.ops.set_progress(progress=update[0], label=update[1])
+
+    yield ctx.ops.reload_dataset()
+    yield ctx.ops.show_output(outputs.to_json(), summary)
+
+
+def _progress_updates(run):
+    """Throttled ``(fraction, label)`` progress updates of a run, then its
+    summary as a dict."""
+    updates = run.iter_run()
+    last = 0.0
+    while True:
+        try:
+            done, total = next(updates)
+        except StopIteration as stop:
+            summary = stop.value
+            break
+        if time.monotonic() - last >= _PROGRESS_EVERY_S:
+            last = time.monotonic()
+            yield done / max(total, 1), f"{done} of {total} samples"
+
+    yield {
+        "run_key": summary.key,
+        "processed": summary.processed,
+        "failed": summary.failed,
+        "skipped": summary.skipped,
+        "errors": summary.errors,
+    }
+
+
+def register(p):
+    p.register(ComputeCams)

@@ -1,0 +1,319 @@
+"""The App forms of the plugin's operators: inputs, choices and validation
+shown to the user before anything runs.
+
+Each ``*_inputs(ctx, inputs)`` function adds its properties to a
+``types.Object`` and returns whether the form is complete and valid.
+"""
+
+import functools
+import os
+
+import fiftyone as fo
+import fiftyone.operators.types as types
+
+from . import runs
+from .cams import METHODS
+
+MODEL_SOURCES = {
+    "torchvision": "A torchvision classifier (weights download on first use)",
+    "file": "A TorchScript file, or a checkpoint of a known architecture",
+}
+DEFAULT_TORCHVISION_MODEL = "resnet50"
+CHECKPOINT_ARCHITECTURES = ["cifar10_resnet20"]
+
+
+def model_spec(params):
+    """The model specification string the library understands, from form
+    parameters (None while incomplete)."""
+    if params.get("model"):
+        return str(params["model"])
+
+    source = params.get("model_source", "torchvision")
+    if source == "file":
+        path = (params.get("model_path") or "").strip()
+        if not path:
+            return None
+        arch = params.get("architecture")
+        return f"{arch}:{path}" if arch else path
+
+    name = params.get("torchvision_model") or DEFAULT_TORCHVISION_MODEL
+    weights = params.get("weights")
+    return f"{name}:{weights}" if weights else name
+
+
+@functools.lru_cache(maxsize=32)
+def _layer_choices(probe_spec, mtime):
+    import cam_plugin
+
+    return cam_plugin.layer_candidates(probe_spec)
+
+
+def layer_choices(spec):
+    """Usable layers of a model, last first, and the default, or an error
+    message. Torchvision models are probed without their weights (the
+    architecture alone decides the layers), so nothing is downloaded."""
+    arch, _, arg = spec.partition(":")
+    path = spec if os.path.isfile(spec) else (arg if os.path.isfile(arg) else None)
+    if path is not None:
+        probe_spec, mtime = spec, os.path.getmtime(path)
+    else:
+        probe_spec, mtime = f"{arch}:none", None
+
+    try:
+        names, default = _layer_choices(probe_spec, mtime)
+    except Exception as e:
+        return [], None, str(e)
+
+    return names, default, None
+
+
+def model_inputs(ctx, inputs):
+    """Model source, name/weights or path. Returns the model spec or None."""
+    from .models import torchvision_classifier_names, torchvision_weight_names
+
+    if ctx.params.get("model"):
+        # a complete specification given from Python
+        inputs.str("model", required=True, label="Model")
+        return model_spec(ctx.params)
+
+    sources = types.RadioGroup(orientation="horizontal")
+    for value, description in MODEL_SOURCES.items():
+        sources.add_choice(value, label=value, description=description)
+    inputs.enum(
+        "model_source",
+        sources.values(),
+        default="torchvision",
+        label="Model",
+        view=sources,
+    )
+
+    if ctx.params.get("model_source", "torchvision") == "file":
+        prop = inputs.str(
+            "model_path",
+            required=True,
+            label="Model file",
+            description="Path to a TorchScript file (.pt) or a checkpoint",
+        )
+        path = (ctx.params.get("model_path") or "").strip()
+        if path and not os.path.isfile(path):
+            prop.invalid = True
+            prop.error_message = f"No file at {path}"
+            return None
+
+        archs = types.DropdownView()
+        for name in CHECKPOINT_ARCHITECTURES + torchvision_classifier_names():
+            archs.add_choice(name, label=name)
+        inputs.str(
+            "architecture",
+            label="Architecture (for a checkpoint)",
+            description="Leave empty for TorchScript or a pickled model",
+            view=archs,
+        )
+    else:
+        names = types.AutocompleteView()
+        for name in torchvision_classifier_names():
+            names.add_choice(name, label=name)
+        prop = inputs.str(
+            "torchvision_model",
+            default=DEFAULT_TORCHVISION_MODEL,
+            label="Torchvision classifier",
+            view=names,
+        )
+        name = ctx.params.get("torchvision_model") or DEFAULT_TORCHVISION_MODEL
+        weights = torchvision_weight_names(name)
+        if not weights:
+            prop.invalid = True
+            prop.error_message = f"'{name}' is not a torchvision classifier"
+            return None
+
+        choices = types.DropdownView()
+        for w in weights:
+            choices.add_choice(w, label=w)
+        inputs.enum(
+            "weights",
+            choices.values(),
+            default=weights[0],
+            label="Weights",
+            description="The weights enum value (the first is DEFAULT)",
+            view=choices,
+        )
+
+    return model_spec(ctx.params)
+
+
+def method_inputs(inputs):
+    choices = types.DropdownView()
+    for name, spec in METHODS.items():
+        choices.add_choice(name, label=name, description=spec.description)
+    inputs.enum(
+        "method",
+        choices.values(),
+        default="gradcam",
+        label="Method",
+        view=choices,
+    )
+
+
+def layer_inputs(ctx, inputs, spec):
+    names, default, error = layer_choices(spec)
+    if error is not None:
+        inputs.view(
+            "layer_error",
+            types.Error(label="This model cannot produce CAMs", description=error),
+        )
+        return False
+
+    choices = types.DropdownView()
+    for name in names:
+        label = f"{name} (automatic)" if name == default else name
+        choices.add_choice(name, label=label)
+
+    prop = inputs.str(
+        "target_layer",
+        default=default,
+        label="Target layer",
+        description="The layer the maps are taken from; the automatic choice "
+        "is the last spatial layer the class scores depend on",
+        view=choices,
+    )
+    layer = ctx.params.get("target_layer") or default
+    if layer not in names:
+        prop.invalid = True
+        prop.error_message = f"Unknown layer '{layer}'; choose one from the list"
+        return False
+
+    return True
+
+
+def classification_fields(samples):
+    schema = samples.get_field_schema(embedded_doc_type=fo.Classification)
+    return sorted(schema)
+
+
+def target_inputs(ctx, inputs, samples):
+    choices = types.RadioGroup(orientation="horizontal")
+    choices.add_choice("pred", label="Predicted class")
+    choices.add_choice("gt", label="Ground-truth class")
+    choices.add_choice("both", label="Both")
+    inputs.enum(
+        "targets",
+        choices.values(),
+        default="pred",
+        label="Maps for",
+        view=choices,
+    )
+
+    label_fields = classification_fields(samples)
+    fields = types.DropdownView()
+    for name in label_fields:
+        fields.add_choice(name, label=name)
+    prop = inputs.str(
+        "label_field",
+        label="Ground-truth field",
+        description="fo.Classification labels; needed for ground-truth maps",
+        view=fields,
+    )
+
+    target = ctx.params.get("targets", "pred")
+    label_field = ctx.params.get("label_field")
+    if target in ("gt", "both") and not label_field:
+        prop.invalid = True
+        prop.error_message = (
+            "Ground-truth maps need a ground-truth field"
+            + ("" if label_fields else "; this dataset has no fo.Classification field")
+        )
+        return False
+
+    return True
+
+
+def new_field_input(
+    ctx, inputs, name, label, default, run_key, ftype, doc_type, description=None, derived=()
+):
+    """A text input for an output field name, validated against the dataset:
+    bad names, fields of another type and fields of other runs are refused.
+    ``derived`` suffixes name further fields written alongside it."""
+    prop = inputs.str(name, default=default, label=label, description=description)
+    value = ctx.params.get(name, default)
+    overwrite = ctx.params.get("overwrite", False)
+    fields = {value: (ftype, doc_type)}
+    fields.update({f"{value}{suffix}": (ftype, doc_type) for suffix in derived})
+    try:
+        runs.check_new_fields(ctx.dataset, run_key, fields, overwrite=overwrite)
+    except runs.RunError as e:
+        prop.invalid = True
+        prop.error_message = str(e)
+        return None
+
+    return value
+
+
+def compute_cams_inputs(ctx, inputs):
+    """The compute_cams form. Returns True when complete and valid."""
+    samples = ctx.target_view()
+
+    spec = model_inputs(ctx, inputs)
+    if spec is None:
+        return False
+
+    method_inputs(inputs)
+    if not layer_inputs(ctx, inputs, spec):
+        return False
+
+    if not target_inputs(ctx, inputs, samples):
+        return False
+
+    run_key = ctx.params.get("heatmap_field") or "cam"
+    pred = new_field_input(
+        ctx, inputs, "pred_field", "Prediction field", "cam_prediction", run_key,
+        fo.EmbeddedDocumentField, fo.Classification,
+    )
+    with_gt = ctx.params.get("targets", "pred") in ("gt", "both")
+    heat = new_field_input(
+        ctx, inputs, "heatmap_field", "Heatmap field", "cam", run_key,
+        fo.EmbeddedDocumentField, fo.Heatmap,
+        description="Also the run key; ground-truth maps go to <field>_gt",
+        derived=("_gt",) if with_gt else (),
+    )
+    ok = pred is not None and heat is not None
+
+    inputs.int("batch_size", default=16, min=1, label="Batch size")
+    devices = types.DropdownView()
+    for device in _devices():
+        devices.add_choice(device, label=device)
+    inputs.enum("device", devices.values(), default=_devices()[0], label="Device", view=devices)
+    inputs.bool(
+        "overwrite",
+        default=False,
+        label="Overwrite",
+        description="Replace a finished run with this key, or existing fields",
+    )
+    return ok
+
+
+def _devices():
+    import torch
+
+    devices = ["cpu"]
+    if torch.cuda.is_available():
+        devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())] + devices
+    return devices
+
+
+def compute_cams_kwargs(params):
+    """The :func:`cam_plugin.compute_cams` keyword arguments of a completed
+    form."""
+    targets = {"pred": ["pred"], "gt": ["gt"], "both": ["pred", "gt"]}
+    target = params.get("targets", "pred")
+    return dict(
+        model=model_spec(params),
+        method=params.get("method", "gradcam"),
+        target_layer=params.get("target_layer"),
+        label_field=params.get("label_field") or None,
+        targets=targets.get(target, target),
+        pred_field=params.get("pred_field", "cam_prediction"),
+        heatmap_field=params.get("heatmap_field", "cam"),
+        batch_size=params.get("batch_size"),
+        device=params.get("device"),
+        overwrite=bool(params.get("overwrite", False)),
+    )

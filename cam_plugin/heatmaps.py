@@ -1,0 +1,122 @@
+"""Heatmap files: quantising maps to 16-bit PNGs on the device, writing them
+atomically in a thread pool, and reading them back.
+
+Each PNG holds ``round(value / raw_max * 65535)``: proportional to the raw
+CAM values (zero stays zero, no per-image minimum is subtracted), with the
+image's raw maximum stored on the ``fo.Heatmap`` as ``raw_max`` so raw values
+can be recovered. The label's ``range`` is ``[0, 65535]``, the units the App
+reads the PNG in.
+"""
+
+import glob
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+from PIL import Image
+
+PNG_MAX = 65535
+HEATMAP_RANGE = [0, PNG_MAX]
+TMP_MARK = ".tmp-"
+
+
+def quantize(maps):
+    """Quantises (N, h, w) non-negative maps to 16-bit levels on their device.
+
+    Returns:
+        a tuple ``(levels, raw_max)``: a (N, h, w) uint16 numpy array on the
+        CPU, and a (N,) float numpy array of each map's maximum
+    """
+    maps = maps.float().clamp_min(0)
+    peak = maps.flatten(1).amax(dim=1)
+    scale = torch.where(peak > 0, PNG_MAX / peak, torch.zeros_like(peak))
+    levels = (maps * scale[:, None, None]).round_().clamp_(0, PNG_MAX)
+    levels = levels.to(torch.int32).cpu().numpy().astype(np.uint16)
+    return levels, peak.cpu().numpy().astype(np.float64)
+
+
+def write_png_atomic(path, levels):
+    """Writes a uint16 (h, w) array as a 16-bit grayscale PNG, via a temporary
+    file renamed into place, so a reader or a killed process never leaves a
+    partial file under ``path``."""
+    tmp = f"{path}{TMP_MARK}{os.getpid()}-{threading.get_ident()}"
+    img = Image.fromarray(np.ascontiguousarray(levels, dtype=np.uint16))
+    try:
+        img.save(tmp, format="PNG", compress_level=1)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def read_levels(path):
+    """Reads a heatmap PNG as a float32 array of its stored levels."""
+    with Image.open(path) as img:
+        return np.asarray(img, dtype=np.float32)
+
+
+def read_heatmap(heatmap):
+    """Returns a ``fo.Heatmap``'s values as a float32 array, in raw CAM units
+    when the label has ``raw_max``, else in the label's stored units."""
+    if heatmap.map is not None:
+        values = np.asarray(heatmap.map, dtype=np.float32)
+    else:
+        values = read_levels(heatmap.map_path)
+
+    raw_max = heatmap.get_field("raw_max") if heatmap.has_field("raw_max") else None
+    if raw_max is not None:
+        rng = heatmap.range or HEATMAP_RANGE
+        values = values * (float(raw_max) / float(rng[1]))
+
+    return values
+
+
+def remove_temporary_files(directory):
+    """Removes temporary files a killed writer left behind; returns how many."""
+    removed = 0
+    for path in glob.glob(os.path.join(glob.escape(directory), "**", f"*{TMP_MARK}*"), recursive=True):
+        try:
+            os.remove(path)
+            removed += 1
+        except FileNotFoundError:
+            pass
+
+    return removed
+
+
+class PngWriter:
+    """Encodes and writes heatmap PNGs in background threads.
+
+    ``submit`` returns immediately; ``wait`` blocks until every file submitted
+    so far is on disk and re-raises the first write error.
+    """
+
+    def __init__(self, num_threads=2):
+        self._pool = ThreadPoolExecutor(max_workers=max(1, num_threads))
+        self._pending = []
+
+    def submit(self, path, levels):
+        self._pending.append(self._pool.submit(write_png_atomic, path, levels))
+
+    def wait(self):
+        pending, self._pending = self._pending, []
+        errors = [f.exception() for f in pending]
+        errors = [e for e in errors if e is not None]
+        if errors:
+            raise errors[0]
+
+    def close(self):
+        try:
+            self.wait()
+        finally:
+            self._pool.shutdown(wait=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *args):
+        self.close()
+        return False

@@ -1,0 +1,110 @@
+"""Builders of real FiftyOne datasets from the shared data, for tests."""
+
+import os
+from pathlib import Path
+
+import fiftyone as fo
+
+
+def _read_yaml_names(path, section):
+    """Reads the ``id: name`` lines under ``section:`` of the small YAML
+    configs shipped with COCO128 (no YAML dependency needed)."""
+    names = {}
+    inside = False
+    for line in Path(path).read_text().splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        if not line.startswith(" "):
+            inside = line.strip() == f"{section}:"
+            continue
+        if inside and ":" in line:
+            key, value = line.split(":", 1)
+            names[int(key.strip())] = value.strip()
+    return names
+
+
+def coco128_dataset(name, coco_dir):
+    """COCO128 with boxes (``ground_truth``), filled instance polygons
+    (``polygons``) and semantic masks (``segmentation``, with mask targets).
+
+    Every image gets ``ground_truth``; polygons and masks exist for the 100
+    images the shared data has them for.
+    """
+    coco_dir = Path(coco_dir)
+    box_names = _read_yaml_names(coco_dir / "config.yaml", "names")
+    mask_names = _read_yaml_names(coco_dir / "semantic_config.yaml", "classes")
+
+    samples = []
+    for image in sorted((coco_dir / "images").glob("*.jpg")):
+        stem = image.stem
+        sample = fo.Sample(filepath=str(image))
+
+        dets = []
+        for row in _rows(coco_dir / "labels" / f"{stem}.txt"):
+            cls, xc, yc, w, h = int(row[0]), *row[1:5]
+            dets.append(
+                fo.Detection(
+                    label=box_names[cls],
+                    bounding_box=[xc - w / 2, yc - h / 2, w, h],
+                )
+            )
+        sample["ground_truth"] = fo.Detections(detections=dets)
+
+        poly_path = coco_dir / "polygons" / f"{stem}.txt"
+        if poly_path.is_file():
+            lines = []
+            for row in _rows(poly_path):
+                pts = list(zip(row[1::2], row[2::2]))
+                lines.append(
+                    fo.Polyline(
+                        label=box_names[int(row[0])],
+                        points=[pts],
+                        closed=True,
+                        filled=True,
+                    )
+                )
+            sample["polygons"] = fo.Polylines(polylines=lines)
+
+        mask_path = coco_dir / "semantic_masks" / f"{stem}.png"
+        if mask_path.is_file():
+            sample["segmentation"] = fo.Segmentation(mask_path=str(mask_path))
+
+        samples.append(sample)
+
+    dataset = fo.Dataset(name)
+    dataset.add_samples(samples)
+    dataset.mask_targets = {"segmentation": {k: v for k, v in mask_names.items()}}
+    dataset.compute_metadata()
+    return dataset
+
+
+def _rows(path):
+    if not os.path.isfile(path):
+        return []
+    rows = []
+    for line in Path(path).read_text().splitlines():
+        parts = line.split()
+        if parts:
+            rows.append([float(p) for p in parts])
+    return rows
+
+
+def cifar_dataset(name, cifar_dir, per_class=None):
+    """The CIFAR-10 test sample with ``ground_truth`` classifications."""
+    cifar_dir = Path(cifar_dir)
+    samples = []
+    for class_dir in sorted(p for p in cifar_dir.iterdir() if p.is_dir()):
+        files = sorted(class_dir.glob("*.jpg"))
+        if per_class is not None:
+            files = files[:per_class]
+        for f in files:
+            samples.append(
+                fo.Sample(
+                    filepath=str(f),
+                    ground_truth=fo.Classification(label=class_dir.name),
+                )
+            )
+
+    dataset = fo.Dataset(name)
+    dataset.add_samples(samples)
+    return dataset

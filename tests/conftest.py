@@ -1,0 +1,111 @@
+"""Test set-up: an isolated FiftyOne database and plugins dir, shared data.
+
+The environment is set before FiftyOne is imported anywhere, so every test
+(and every subprocess a test starts) talks to a mongod running on a fresh
+temporary database dir, never the user's ``~/.fiftyone`` database.
+"""
+
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+_TMP = Path(tempfile.mkdtemp(prefix="cam_plugin_tests_"))
+_PLUGINS = _TMP / "plugins"
+_PLUGINS.mkdir()
+# FiftyOne finds plugins by their fiftyone.yml; the repository is the plugin
+(_PLUGINS / "cam_plugin").symlink_to(REPO, target_is_directory=True)
+
+for var in ("FIFTYONE_DATABASE_URI", "FIFTYONE_DATABASE_NAME"):
+    os.environ.pop(var, None)
+
+os.environ.update(
+    {
+        "FIFTYONE_DATABASE_DIR": str(_TMP / "db"),
+        "FIFTYONE_DEFAULT_DATASET_DIR": str(_TMP / "datasets"),
+        "FIFTYONE_PLUGINS_DIR": str(_PLUGINS),
+        "FIFTYONE_DO_NOT_TRACK": "true",
+        "FIFTYONE_SHOW_PROGRESS_BARS": "false",
+        # mongod 6.0 (the Debian fallback) is supported; skip the nag
+        "FIFTYONE_DATABASE_VALIDATION": "false",
+        "PYTHONPATH": os.pathsep.join(
+            [str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+        ),
+    }
+)
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import pytest  # noqa: E402
+
+SHARED_DATA = Path(
+    os.environ.get("CAM_PLUGIN_SHARED_DATA", REPO.parent / "shared" / "data")
+)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    # stop this session's mongod before removing its database dir
+    database = sys.modules.get("fiftyone.core.odm.database")
+    service = getattr(database, "_db_service", None)
+    if service is not None:
+        database._disconnect()
+        service.stop()
+        database._db_service = None
+    shutil.rmtree(_TMP, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def tmp_root():
+    return _TMP
+
+
+@pytest.fixture(scope="session")
+def shared_data():
+    """The read-only shared data folder (``../shared/data``)."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(
+            f"shared data not found at {SHARED_DATA}; place the shared folder "
+            "beside the checkout or set CAM_PLUGIN_SHARED_DATA"
+        )
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def resnet20_path(shared_data):
+    path = shared_data / "cifar10_resnet20" / "resnet20-12fca82f.th"
+    if not path.is_file():
+        pytest.skip(f"CIFAR-10 ResNet-20 checkpoint not found at {path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def cifar_dir(shared_data):
+    path = shared_data / "cifar10_test_sample"
+    if not path.is_dir():
+        pytest.skip(f"CIFAR-10 test sample not found at {path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def coco_dir(shared_data):
+    path = shared_data / "coco128_train"
+    if not path.is_dir():
+        pytest.skip(f"COCO128 not found at {path}")
+    return path
+
+
+@pytest.fixture
+def dataset_name(request):
+    """A unique dataset name per test; the dataset is deleted afterwards."""
+    import fiftyone as fo
+
+    name = "t_" + request.node.name.replace("[", "_").replace("]", "_")[:60]
+    if fo.dataset_exists(name):
+        fo.delete_dataset(name)
+
+    yield name
+
+    if fo.dataset_exists(name):
+        fo.delete_dataset(name)
