@@ -5,6 +5,7 @@ The environment is set before FiftyOne is imported anywhere, so every test
 temporary database dir, never the user's ``~/.fiftyone`` database.
 """
 
+import atexit
 import os
 import shutil
 import sys
@@ -50,6 +51,8 @@ def pytest_sessionfinish(session, exitstatus):
     database = sys.modules.get("fiftyone.core.odm.database")
     service = getattr(database, "_db_service", None)
     if service is not None:
+        # FiftyOne's own exit hook would reconnect to a deleted database dir
+        atexit.unregister(database._delete_non_persistent_datasets_if_allowed)
         database._disconnect()
         service.stop()
         database._db_service = None

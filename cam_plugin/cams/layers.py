@@ -77,7 +77,12 @@ def probe_layers(model, input_shape, device=None):
         device = _model_device(model)
 
     names = [name for name, _ in model.named_modules() if name]
-    types = {name: type(m).__name__ for name, m in model.named_modules() if name}
+    # scripted submodules keep their class name in ``original_name``
+    types = {
+        name: getattr(m, "original_name", type(m).__name__)
+        for name, m in model.named_modules()
+        if name
+    }
     records = {}
     outputs = {}
     order = [0]

@@ -162,7 +162,13 @@ def scorecam(ctx, classes):
 
 def ablationcam(ctx, classes):
     """Ablation-CAM (Desai & Ramaswamy, 2020): a channel's weight is the
-    relative drop of the class score when that channel is set to zero.
+    relative drop of the class score when that channel is removed.
+
+    Removal sets the channel to zero when the layer's activations are
+    non-negative (post-ReLU, as in the paper). For layers with negative
+    values (pre-activation outputs) zero is not "off", so the channel is set
+    far below the image's minimum instead, which a following rectifier maps
+    to zero; this is also what pytorch-grad-cam does.
 
     Ablations of all images and channels run batched; channels that are
     zero everywhere cannot change the score when zeroed, so they get weight
@@ -171,7 +177,10 @@ def ablationcam(ctx, classes):
     acts = ctx.activations
     b, c = acts.shape[:2]
     original = ctx.logits.detach().float().gather(1, classes)  # (B, T)
+    lowest = acts.flatten(1).amin(dim=1)
+    off_value = torch.where(lowest < 0, lowest - 1e7, torch.zeros_like(lowest))
     active = acts.flatten(2).abs().amax(dim=2) > 0
+    active |= (lowest < 0)[:, None]
     pairs = active.nonzero()
 
     t = classes.shape[1]
@@ -187,7 +196,8 @@ def ablationcam(ctx, classes):
         def replace(start, stop, output):
             img, ch = pairs[start:stop, 0], pairs[start:stop, 1]
             ablated = acts[img].clone()
-            ablated[torch.arange(len(img), device=acts.device), ch] = 0
+            rows = torch.arange(len(img), device=acts.device)
+            ablated[rows, ch] = off_value[img][:, None, None]
             return ctx.to_raw_layout(ablated, output)
 
         logits = ctx.forward_logits(inputs, replace_layer_output=replace)

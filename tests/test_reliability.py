@@ -1,0 +1,286 @@
+"""Bad input, interruptions and re-runs: failures are per sample and explained,
+nothing the user had is lost, runs resume without redoing work."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import fiftyone as fo
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms as T
+from PIL import Image
+
+import cam_plugin
+from cam_plugin import heatmaps
+from cam_plugin.cifar_resnet import IMAGENET_MEAN, IMAGENET_STD
+from builders import cifar_dataset
+
+
+@pytest.fixture(scope="module")
+def resnet20(resnet20_path):
+    return f"cifar10_resnet20:{resnet20_path}"
+
+
+def _good_images(cifar_dir, n):
+    return sorted(Path(cifar_dir).glob("*/*.jpg"))[:n]
+
+
+def _make_bad_inputs(root, cifar_dir):
+    """Every kind of awkward input, as {name: (path, expected)} where
+    expected is "ok" or a pattern the recorded error must match."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    src = Image.open(_good_images(cifar_dir, 1)[0]).convert("RGB").resize((64, 48))
+    cases = {}
+
+    cases["missing"] = (root / "missing.jpg", "file not found")
+
+    good_jpeg = root / "full.jpg"
+    src.save(good_jpeg, quality=95)
+    data = good_jpeg.read_bytes()
+    truncated = root / "truncated.jpg"
+    truncated.write_bytes(data[: len(data) // 2])
+    cases["truncated"] = (truncated, "corrupt or truncated")
+
+    corrupt = root / "corrupt.jpg"
+    corrupt.write_bytes(data[:20] + bytes(range(256)) * 4)
+    # a JPEG header followed by garbage: unreadable
+    cases["corrupt"] = (corrupt, "not an image file|corrupt or truncated")
+
+    text = root / "notes.jpg"
+    text.write_text("this is not an image\n" * 10)
+    cases["not_image"] = (text, "not an image file")
+
+    gray = root / "gray.jpg"
+    src.convert("L").save(gray)
+    cases["grayscale"] = (gray, "ok")
+
+    rgba = root / "rgba.png"
+    src.convert("RGBA").save(rgba)
+    cases["rgba"] = (rgba, "ok")
+
+    palette = root / "palette.png"
+    src.convert("P", palette=Image.Palette.ADAPTIVE).save(palette)
+    cases["palette"] = (palette, "ok")
+
+    deep = root / "deep16.png"
+    gray16 = (np.asarray(src.convert("L"), dtype=np.uint16) * 257).astype(np.uint16)
+    Image.fromarray(gray16).save(deep)
+    cases["png16"] = (deep, "ok")
+
+    cmyk = root / "cmyk.jpg"
+    src.convert("CMYK").save(cmyk)
+    cases["cmyk"] = (cmyk, "ok")
+
+    rotated = root / "exif_rotated.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # displayed rotated 90 degrees clockwise
+    src.save(rotated, exif=exif.tobytes())
+    cases["exif_rotated"] = (rotated, "ok")
+
+    tiny = root / "tiny.png"
+    src.resize((3, 2)).save(tiny)
+    cases["tiny"] = (tiny, "ok")
+
+    large = root / "large.jpg"
+    big = Image.new("RGB", (12000, 9000), (90, 120, 60))
+    big.paste(src.resize((3000, 2250)), (4000, 3000))
+    big.save(large, quality=85)
+    del big
+    cases["large"] = (large, "ok")
+
+    return cases
+
+
+def test_bad_inputs_fail_alone_with_clear_errors(dataset_name, cifar_dir, resnet20, tmp_path):
+    cases = _make_bad_inputs(tmp_path / "bad", cifar_dir)
+    good = _good_images(cifar_dir, 12)
+    samples = [fo.Sample(filepath=str(p), kind="good") for p in good]
+    samples += [fo.Sample(filepath=str(path), kind=name) for name, (path, _) in cases.items()]
+    dataset = fo.Dataset(dataset_name)
+    dataset.add_samples(samples)
+
+    summary = cam_plugin.compute_cams(dataset, resnet20, batch_size=4, num_workers=1)
+
+    expected_bad = {n for n, (_, e) in cases.items() if e != "ok"}
+    assert summary.failed == len(expected_bad)
+    assert summary.processed == len(dataset) - len(expected_bad)
+    assert sum(summary.errors.values()) == summary.failed
+    assert cam_plugin.get_run(dataset, "cam")["counts"]["failed"] == len(expected_bad)
+
+    for sample in dataset:
+        if sample.kind == "good" or cases[sample.kind][1] == "ok":
+            assert sample.cam_error is None, (sample.kind, sample.cam_error)
+            assert os.path.isfile(sample.cam.map_path), sample.kind
+            assert sample.cam_prediction is not None
+        else:
+            assert sample.cam is None
+            assert re.search(cases[sample.kind][1], sample.cam_error), (sample.kind, sample.cam_error)
+            assert os.path.basename(sample.filepath) in sample.cam_error
+
+    by_kind = {s.kind: s for s in dataset}
+    # heatmaps live in the displayed frame: EXIF rotation swaps the axes
+    rot = heatmaps.read_levels(by_kind["exif_rotated"].cam.map_path)
+    assert rot.shape == (64, 48)
+    plain = heatmaps.read_levels(by_kind["grayscale"].cam.map_path)
+    assert plain.shape == (48, 64)
+    # the 12000x9000 image is mapped at capped resolution, same aspect
+    assert heatmaps.read_levels(by_kind["large"].cam.map_path).shape == (384, 512)
+
+
+def test_tiny_image_without_resize_fails_only_itself(dataset_name, cifar_dir, resnet20, tmp_path):
+    tiny = tmp_path / "tiny.png"
+    Image.new("RGB", (1, 1), (200, 10, 10)).save(tiny)
+    paths = [str(p) for p in _good_images(cifar_dir, 6)]
+    paths.insert(3, str(tiny))
+    dataset = fo.Dataset(dataset_name)
+    dataset.add_samples([fo.Sample(filepath=p) for p in paths])
+
+    no_resize = T.Compose([T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    summary = cam_plugin.compute_cams(dataset, resnet20, transforms=no_resize, batch_size=8)
+
+    assert summary.processed == 6 and summary.failed == 1
+    failed = dataset.exists("cam_error").first()
+    assert failed.filepath == str(tiny)
+    assert "CAM failed" in failed.cam_error
+
+
+def test_configuration_errors_before_any_work(dataset_name, cifar_dir, resnet20):
+    dataset = cifar_dataset(dataset_name, cifar_dir, per_class=1)
+
+    with pytest.raises(cam_plugin.CamError, match=r"no layer named 'layer9'.*layer3"):
+        cam_plugin.compute_cams(dataset, resnet20, target_layer="layer9")
+
+    flat = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10))
+    with pytest.raises(cam_plugin.CamError, match="no layer with a spatial output"):
+        cam_plugin.compute_cams(dataset, flat, transforms=T.Compose([T.Resize((32, 32)), T.ToTensor()]))
+
+    dataset.set_values("ground_truth.label", ["wolf"] + dataset.values("ground_truth.label")[1:])
+    with pytest.raises(cam_plugin.CamError, match=r"not among the model's 10 classes: wolf"):
+        cam_plugin.compute_cams(dataset, resnet20, label_field="ground_truth")
+
+    dataset.add_sample_field("cam", fo.StringField)
+    with pytest.raises(cam_plugin.RunError, match="already exists with type StringField"):
+        cam_plugin.compute_cams(dataset, resnet20)
+
+    # nothing was written by the refused runs
+    assert cam_plugin.list_runs(dataset) == []
+    assert "cam_prediction" not in dataset.get_field_schema()
+
+
+def test_run_keys_refuse_finished_or_different_runs(dataset_name, cifar_dir, resnet20):
+    dataset = cifar_dataset(dataset_name, cifar_dir, per_class=1)
+    cam_plugin.compute_cams(dataset, resnet20)
+    first_paths = dataset.values("cam.map_path")
+
+    with pytest.raises(cam_plugin.RunError, match="already finished"):
+        cam_plugin.compute_cams(dataset, resnet20)
+    with pytest.raises(cam_plugin.RunError, match="different configuration.*cam_method"):
+        cam_plugin.compute_cams(dataset, resnet20, method="gradcam++")
+
+    # a user field is never replaced without overwrite=True
+    dataset.add_sample_field("mine", fo.EmbeddedDocumentField, embedded_doc_type=fo.Classification)
+    with pytest.raises(cam_plugin.RunError, match="not made by this plugin"):
+        cam_plugin.compute_cams(dataset, resnet20, pred_field="mine", heatmap_field="cam2")
+
+    # fields of another run are refused even with overwrite
+    with pytest.raises(cam_plugin.RunError, match="belongs to run 'cam'"):
+        cam_plugin.compute_cams(dataset, resnet20, heatmap_field="cam3", overwrite=True)
+
+    summary = cam_plugin.compute_cams(dataset, resnet20, method="gradcam++", overwrite=True)
+    assert summary.processed == len(dataset)
+    assert cam_plugin.get_run(dataset, "cam")["cam_method"] == "gradcam++"
+    assert dataset.values("cam.map_path") == first_paths  # same, rewritten
+
+
+def test_delete_run_removes_exactly_its_fields_and_files(dataset_name, cifar_dir, resnet20, tmp_path):
+    dataset = cifar_dataset(dataset_name, cifar_dir, per_class=2)
+    out = tmp_path / "heatmaps"
+    keep = out / "user_file.txt"
+    out.mkdir()
+    keep.write_text("mine")
+    dataset.add_sample_field("notes", fo.StringField)
+    dataset.set_values("notes", ["n"] * len(dataset))
+
+    cam_plugin.compute_cams(dataset, resnet20, label_field="ground_truth", output_dir=str(out))
+    cam_plugin.compute_cams(
+        dataset, resnet20, heatmap_field="other", pred_field="other_pred", method="hirescam",
+        output_dir=str(out),
+    )
+    cam_files = set((out / "cam").rglob("*.png"))
+    other_files = set((out / "other").rglob("*.png"))
+    assert len(cam_files) == 2 * len(dataset) and len(other_files) == len(dataset)
+
+    before = set(dataset.get_field_schema())
+    cam_plugin.delete_run(dataset, "cam")
+
+    after = set(dataset.get_field_schema())
+    assert before - after == {"cam", "cam_gt", "cam_prediction", "cam_error"}
+    assert not any(p.exists() for p in cam_files)
+    assert not (out / "cam").exists()
+    assert all(p.exists() for p in other_files)
+    assert keep.read_text() == "mine"
+    assert dataset.values("notes") == ["n"] * len(dataset)
+    assert cam_plugin.list_runs(dataset) == ["other"]
+
+
+_KILL_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import fiftyone as fo
+    from cam_plugin.pipeline import CamRun
+
+    dataset = fo.load_dataset(sys.argv[1])
+    run = CamRun(dataset, sys.argv[2], batch_size=4, num_workers=0, flush_every=8, device="cpu")
+    run.run()
+    """
+)
+
+
+def test_kill_and_resume(dataset_name, cifar_dir, resnet20, tmp_path):
+    dataset = cifar_dataset(dataset_name, cifar_dir, per_class=30)
+    script = tmp_path / "run.py"
+    script.write_text(_KILL_SCRIPT)
+    proc = subprocess.Popen([sys.executable, str(script), dataset_name, resnet20])
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            if dataset.exists("cam").count() >= 40:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run finished before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+    killed_at = time.time()
+    dataset.reload()
+    done_before = dict(zip(*dataset.exists("cam").values(["id", "cam.map_path"])))
+    assert 40 <= len(done_before) < len(dataset)
+    mtimes = {sid: os.path.getmtime(p) for sid, p in done_before.items()}
+    assert cam_plugin.get_run(dataset, "cam")["status"] == "running"
+
+    time.sleep(0.05)
+    summary = cam_plugin.compute_cams(dataset, resnet20)
+
+    assert summary.resumed
+    assert summary.skipped == len(done_before)
+    assert summary.processed == len(dataset) - len(done_before)
+    assert cam_plugin.get_run(dataset, "cam")["status"] == "completed"
+
+    files_dir = Path(cam_plugin.get_run(dataset, "cam")["files_dir"])
+    files = sorted(p.name for p in files_dir.rglob("*") if p.is_file())
+    ids = sorted(f"{sid}.png" for sid in dataset.values("id"))
+    assert files == ids  # exactly one file per sample, no temporary files
+    for sid, path in done_before.items():
+        assert os.path.getmtime(path) == mtimes[sid] < killed_at  # not recomputed
+    assert dataset.exists("cam").count() == len(dataset)
