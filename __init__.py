@@ -84,6 +84,122 @@ class ComputeCams(foo.Operator):
         return types.Property(outputs, view=types.View(label="Class activation maps computed"))
 
 
+class ComputeAttention(foo.Operator):
+    @property
+    def config(self):
+        return foo.OperatorConfig(
+            name="compute_attention",
+            label="Compute attention metrics",
+            description="How much of each heatmap falls on the labelled object",
+            dynamic=True,
+            allow_immediate_execution=True,
+            allow_delegated_execution=True,
+        )
+
+    def __call__(self, sample_collection, heatmap_field="cam", region_field=None, delegate=False, **kwargs):
+        """Runs the operator from Python; ``kwargs``: ``region_classes``,
+        ``tolerance``, ``border``, ``overwrite``."""
+        params = dict(kwargs, heatmap_field=heatmap_field, region_field=region_field, delegate=delegate)
+        ctx = dict(view=sample_collection.view())
+        return foo.execute_operator(self.uri, ctx, params=params, request_delegation=delegate)
+
+    def resolve_input(self, ctx):
+        inputs = types.Object()
+        forms.compute_attention_inputs(ctx, inputs)
+        return types.Property(inputs, view=types.View(label="Compute attention metrics"))
+
+    def resolve_delegation(self, ctx):
+        return _delegation(ctx)
+
+    def execute(self, ctx):
+        result = cam_plugin.compute_attention(
+            ctx.target_view(), **forms.compute_attention_kwargs(ctx.params)
+        )
+        ctx.ops.reload_dataset()
+        return {k: v for k, v in result.items() if k != "seconds"}
+
+
+class AttentionViews(foo.Operator):
+    @property
+    def config(self):
+        return foo.OperatorConfig(
+            name="attention_views",
+            label="Find where the model looked at the wrong place",
+            description="Saved views: misclassified with attention on the background, ...",
+            dynamic=True,
+        )
+
+    def __call__(self, sample_collection, heatmap_field="cam", **kwargs):
+        """Runs the operator from Python; ``kwargs``: the thresholds
+        (``background_focus``, ``object_focus``, ``max_object_area``,
+        ``confidence``) and ``open_view``."""
+        params = dict(kwargs, heatmap_field=heatmap_field)
+        return foo.execute_operator(self.uri, dict(view=sample_collection.view()), params=params)
+
+    def resolve_input(self, ctx):
+        inputs = types.Object()
+        if forms.heatmap_field_input(ctx, inputs, ctx.dataset, with_metrics=True):
+            forms.threshold_inputs(inputs)
+        return types.Property(inputs, view=types.View(label="Attention views"))
+
+    def execute(self, ctx):
+        from cam_plugin.views import saved_view_name
+
+        heatmap_field = ctx.params.get("heatmap_field", "cam")
+        views = cam_plugin.views.attention_views(
+            ctx.dataset, heatmap_field, thresholds=forms.thresholds_from(ctx.params)
+        )
+        opened = ctx.params.get("open_view", "misclassified_background")
+        ctx.ops.set_view(name=saved_view_name(heatmap_field, opened))
+        return {"counts": {name: view.count() for name, view in views.items()}, "opened": opened}
+
+    def resolve_output(self, ctx):
+        outputs = types.Object()
+        outputs.str("opened", label="Opened view")
+        outputs.obj("counts", label="Samples per view", view=types.JSONView())
+        return types.Property(outputs, view=types.View(label="Attention views saved"))
+
+
+class ClassSummary(foo.Operator):
+    @property
+    def config(self):
+        return foo.OperatorConfig(
+            name="class_attention_summary",
+            label="Which classes look at the background",
+            description="Classes ranked by how often their attention falls off the object",
+            dynamic=True,
+        )
+
+    def __call__(self, sample_collection, heatmap_field="cam", **kwargs):
+        params = dict(kwargs, heatmap_field=heatmap_field)
+        return foo.execute_operator(self.uri, dict(view=sample_collection.view()), params=params)
+
+    def resolve_input(self, ctx):
+        inputs = types.Object()
+        if forms.heatmap_field_input(ctx, inputs, ctx.view, with_metrics=True):
+            forms.threshold_inputs(inputs, with_views=False)
+        return types.Property(inputs, view=types.View(label="Per-class attention summary"))
+
+    def execute(self, ctx):
+        rows = cam_plugin.views.class_summary(
+            ctx.view,
+            ctx.params.get("heatmap_field", "cam"),
+            thresholds=forms.thresholds_from(ctx.params),
+        )
+        return {"rows": rows, "plot": forms.summary_plot(rows)}
+
+    def resolve_output(self, ctx):
+        outputs = types.Object()
+        rows = ctx.results.get("rows") or []
+        plot = ctx.results.get("plot") or {}
+        outputs.plot("plot", label="Share of samples looking off the object", data=plot.get("data"), layout=plot.get("layout"))
+        table = types.TableView()
+        for key, label in forms.SUMMARY_COLUMNS:
+            table.add_column(key, label=label)
+        outputs.list("rows", types.Object(), label="Classes", view=table)
+        return types.Property(outputs, view=types.View(label="Per-class attention summary"))
+
+
 def _run_reporting(ctx, run):
     summary = None
     for update in _progress_updates(run):
@@ -132,3 +248,6 @@ def _progress_updates(run):
 
 def register(p):
     p.register(ComputeCams)
+    p.register(ComputeAttention)
+    p.register(AttentionViews)
+    p.register(ClassSummary)

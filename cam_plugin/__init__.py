@@ -5,6 +5,10 @@ internal modules:
 
 -   :func:`compute_cams`: predictions and class activation maps as
     ``fo.Classification`` and ``fo.Heatmap`` fields
+-   :func:`compute_attention`: how much of each map falls on the labelled
+    object, as scalar fields
+-   :func:`attention_views`, :func:`class_summary`: the samples where the
+    model looked at the wrong place, and the classes that do it most
 -   :func:`list_runs`, :func:`get_run`, :func:`delete_run`: the runs
     registered on a dataset
 -   :func:`load_classifier`, :func:`layer_candidates`: models and the layers
@@ -16,6 +20,7 @@ The CAM math (:mod:`cam_plugin.cams`) is torch-only and usable on its own.
 from .cams import METHODS, CamError, CamExtractor
 from .models import Classifier, ModelError, load_classifier
 from .runs import RunError
+from .views import Thresholds
 
 __version__ = "0.1.0"
 
@@ -122,6 +127,156 @@ def compute_cams(
         overwrite=overwrite,
         progress=progress,
     ).run()
+
+
+def compute_attention(
+    samples,
+    heatmap_field="cam",
+    region_field=None,
+    *,
+    label_field=None,
+    gt_heatmap_field=None,
+    region_classes="gt",
+    mask_values=None,
+    heatmap_threshold=0.5,
+    tolerance=15.0,
+    border=0.1,
+    top_fraction=0.2,
+    run_key=None,
+    overwrite=False,
+    batch_size=256,
+    device=None,
+    progress=None,
+):
+    """Measures how much of each heatmap falls on the labelled object.
+
+    Writes, for the heatmap field ``F`` and its ground-truth-class twin
+    (``F_gt`` when ``compute_cams`` made one; the same region is used for
+    both):
+
+    -   ``F_object_energy``: the share of the map's mass inside the region
+        (energy-based pointing game, Wang et al., 2020), in [0, 1]
+    -   ``F_object_area``: the share of the image the region covers, in
+        [0, 1] (the energy a uniform map would get)
+    -   ``F_pointing_hit``: whether the map's maximum lies within
+        ``tolerance`` image pixels of the region (pointing game, Zhang et
+        al., 2018)
+    -   ``F_border_energy``: the share of the mass on the image's border band
+        (``border`` of each side), computed with or without regions
+    -   ``F_pred_gt_agreement``: the IoU of the top-``top_fraction`` pixels of
+        the predicted- and ground-truth-class maps
+
+    Args:
+        samples: a dataset or view with heatmaps from :func:`compute_cams`
+            (or any ``fo.Heatmap`` field)
+        heatmap_field ("cam"): the heatmap field
+        region_field (None): the labelled objects: ``fo.Detections`` (with or
+            without instance masks), ``fo.Polylines`` (closed or filled),
+            ``fo.Segmentation`` or ``fo.Heatmap``; None computes only the
+            region-free metrics
+        label_field (None): the ground-truth ``fo.Classification`` field;
+            defaults to the one the CAM run used
+        gt_heatmap_field (None): the ground-truth-class heatmap field;
+            defaults to the CAM run's
+        region_classes ("gt"): ``"gt"``: the objects labelled with the
+            sample's ground-truth class (all objects when it has none or none
+            matches); ``"all"``: all labelled objects; or a list of names
+        mask_values (None): for segmentations, the mask values that are
+            objects (default: all non-zero values)
+        heatmap_threshold (0.5): for heatmap regions, the fraction of the
+            range above which a pixel is object
+        tolerance (15.0): the pointing game's tolerance in image pixels
+        border (0.1): the border band's width as a fraction of each side
+        top_fraction (0.2): the share of pixels compared by the agreement
+        run_key (None): defaults to ``<heatmap_field>_attention``
+        overwrite (False): replace an earlier attention run with this key
+        batch_size (256): maps processed together
+        device (None): where the metrics are computed (CUDA if available)
+        progress (None): a progress bar (True/False) or a callback
+
+    Returns:
+        a dict with the run key and counts
+    """
+    from .attention import AttentionRun
+
+    return AttentionRun(
+        samples,
+        heatmap_field=heatmap_field,
+        region_field=region_field,
+        label_field=label_field,
+        gt_heatmap_field=gt_heatmap_field,
+        region_classes=region_classes,
+        mask_values=mask_values,
+        heatmap_threshold=heatmap_threshold,
+        tolerance=tolerance,
+        border=border,
+        top_fraction=top_fraction,
+        run_key=run_key,
+        overwrite=overwrite,
+        batch_size=batch_size,
+        device=device,
+        progress=progress,
+    ).run()
+
+
+def attention_views(
+    samples,
+    heatmap_field="cam",
+    label_field=None,
+    pred_field=None,
+    *,
+    background_focus=0.15,
+    object_focus=0.4,
+    max_object_area=0.6,
+    confidence=0.8,
+    save=True,
+):
+    """The views that find where the model looked at the wrong place.
+
+    Attention is judged by the *focus*, ``(energy - area) / (1 - area)``:
+    0 for a uniform map, 1 for all mass on the object, negative when it
+    avoids the object. Samples whose object covers more than
+    ``max_object_area`` of the image are left out of every view.
+
+    Views (saved on the dataset as ``<heatmap_field>_<name>`` unless
+    ``save=False``):
+
+    -   ``misclassified_background``: wrong, focus < ``background_focus``
+    -   ``misclassified_on_object``: wrong, focus >= ``object_focus``
+    -   ``correct_background``: right, focus < ``background_focus``
+    -   ``qa_confident_disagreement``: wrong, confidence >= ``confidence``,
+        focus >= ``object_focus`` (check the label)
+    -   ``qa_unlabelled_attention``: confident, the peak outside every
+        labelled object and focus < ``background_focus`` (an object may be
+        missing from the labels)
+
+    Returns:
+        a dict from view name to ``fo.DatasetView``
+    """
+    from .views import attention_views as build
+
+    thresholds = Thresholds(background_focus, object_focus, max_object_area, confidence)
+    return build(samples, heatmap_field, label_field, pred_field, thresholds, save=save)
+
+
+def class_summary(
+    samples,
+    heatmap_field="cam",
+    label_field=None,
+    pred_field=None,
+    *,
+    background_focus=0.15,
+    max_object_area=0.6,
+):
+    """Per ground-truth class, how often and how strongly attention falls off
+    the object, the most affected class first: a list of dicts with
+    ``class``, ``samples``, ``off_object``, ``off_object_share``,
+    ``mean_focus``, ``mean_object_energy``, ``accuracy`` and
+    ``misclassified_background``."""
+    from .views import class_summary as summarise
+
+    thresholds = Thresholds(background_focus=background_focus, max_object_area=max_object_area)
+    return summarise(samples, heatmap_field, label_field, pred_field, thresholds)
 
 
 def list_runs(samples, method=None):

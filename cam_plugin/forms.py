@@ -317,3 +317,173 @@ def compute_cams_kwargs(params):
         device=params.get("device"),
         overwrite=bool(params.get("overwrite", False)),
     )
+
+
+def _fields_of(samples, doc_types):
+    schema = samples.get_field_schema()
+    names = []
+    for name, field in schema.items():
+        if isinstance(field, fo.EmbeddedDocumentField) and issubclass(
+            field.document_type, doc_types
+        ):
+            names.append(name)
+    return sorted(names)
+
+
+def heatmap_field_input(ctx, inputs, samples, with_metrics=False):
+    """A dropdown of the dataset's heatmap fields (optionally only those with
+    attention metrics). Returns the chosen field or None."""
+    from .attention import metric_field
+
+    names = _fields_of(samples, fo.Heatmap)
+    if with_metrics:
+        schema = samples.get_field_schema()
+        names = [n for n in names if metric_field(n, "object_energy") in schema]
+
+    if not names:
+        message = (
+            "No heatmap field has attention metrics yet: run 'Compute attention "
+            "metrics' with a region field first"
+            if with_metrics
+            else "This dataset has no heatmap field: run 'Compute class activation maps' first"
+        )
+        prop = inputs.view("no_heatmaps", types.Warning(label=message))
+        prop.invalid = True
+        return None
+
+    choices = types.DropdownView()
+    for name in names:
+        choices.add_choice(name, label=name)
+    default = "cam" if "cam" in names else names[0]
+    inputs.enum("heatmap_field", choices.values(), default=default, label="Heatmap field", view=choices)
+    return ctx.params.get("heatmap_field") or default
+
+
+def compute_attention_inputs(ctx, inputs):
+    """The compute_attention form. Returns True when complete and valid."""
+    from .attention import REGION_TYPES
+
+    samples = ctx.target_view()
+    heatmap_field = heatmap_field_input(ctx, inputs, samples)
+    if heatmap_field is None:
+        return False
+
+    regions = types.DropdownView()
+    for name in _fields_of(samples, REGION_TYPES):
+        regions.add_choice(name, label=name)
+    inputs.str(
+        "region_field",
+        label="Object regions",
+        description="Boxes, polygons, a segmentation or a heatmap marking the objects; "
+        "without one only the border energy and pred/gt agreement are computed",
+        view=regions,
+    )
+
+    classes = types.RadioGroup(orientation="horizontal")
+    classes.add_choice("gt", label="Ground-truth class", description="Objects of the sample's class")
+    classes.add_choice("all", label="All objects")
+    inputs.enum("region_classes", classes.values(), default="gt", label="Which objects", view=classes)
+    inputs.float("tolerance", default=15.0, min=0, label="Pointing tolerance (pixels)")
+    inputs.float("border", default=0.1, min=0, max=0.5, label="Border band (fraction of each side)")
+    inputs.bool("overwrite", default=False, label="Overwrite an earlier attention run")
+
+    region_field = ctx.params.get("region_field")
+    overwrite = ctx.params.get("overwrite", False)
+    key = f"{heatmap_field}_attention"
+    if key in runs.list_runs(samples) and not overwrite:
+        prop = inputs.view(
+            "exists",
+            types.Warning(label=f"Attention run '{key}' exists: tick Overwrite to recompute it"),
+        )
+        prop.invalid = True
+        return False
+
+    return region_field is None or region_field in _fields_of(samples, REGION_TYPES)
+
+
+def compute_attention_kwargs(params):
+    return dict(
+        heatmap_field=params.get("heatmap_field", "cam"),
+        region_field=params.get("region_field") or None,
+        region_classes=params.get("region_classes", "gt"),
+        tolerance=float(params.get("tolerance", 15.0)),
+        border=float(params.get("border", 0.1)),
+        overwrite=bool(params.get("overwrite", False)),
+    )
+
+
+def threshold_inputs(inputs, with_views=True):
+    from .views import VIEW_DESCRIPTIONS, Thresholds
+
+    t = Thresholds()
+    inputs.float(
+        "background_focus",
+        default=t.background_focus,
+        label="Background below focus",
+        description="focus = (energy - area) / (1 - area): 0 is uniform attention, 1 all on the object",
+    )
+    inputs.float("object_focus", default=t.object_focus, label="On the object from focus")
+    inputs.float(
+        "max_object_area",
+        default=t.max_object_area,
+        min=0,
+        max=1,
+        label="Largest object area",
+        description="Samples whose object covers more of the image are left out",
+    )
+    if with_views:
+        inputs.float("confidence", default=t.confidence, min=0, max=1, label="Confident from")
+        choices = types.DropdownView()
+        for name, description in VIEW_DESCRIPTIONS.items():
+            choices.add_choice(name, label=name, description=description)
+        inputs.enum(
+            "open_view",
+            choices.values(),
+            default="misclassified_background",
+            label="View to open",
+            view=choices,
+        )
+
+
+def thresholds_from(params):
+    from .views import Thresholds
+
+    t = Thresholds()
+    return Thresholds(
+        background_focus=float(params.get("background_focus", t.background_focus)),
+        object_focus=float(params.get("object_focus", t.object_focus)),
+        max_object_area=float(params.get("max_object_area", t.max_object_area)),
+        confidence=float(params.get("confidence", t.confidence)),
+    )
+
+
+SUMMARY_COLUMNS = [
+    ("class", "Class"),
+    ("samples", "Samples"),
+    ("off_object", "Off the object"),
+    ("off_object_share", "Share off"),
+    ("mean_focus", "Mean focus"),
+    ("accuracy", "Accuracy"),
+    ("misclassified_background", "Wrong, off the object"),
+]
+
+
+def summary_plot(rows):
+    """A Plotly bar chart (data and layout) of the per-class summary."""
+    return {
+        "data": [
+            {
+                "type": "bar",
+                "x": [r["class"] for r in rows],
+                "y": [r["off_object_share"] for r in rows],
+                "ids": [r["class"] for r in rows],
+                "customdata": [r["samples"] for r in rows],
+                "hovertemplate": "%{x}: %{y:.0%} of %{customdata} samples off the object<extra></extra>",
+            }
+        ],
+        "layout": {
+            "yaxis": {"title": "share of samples looking off the object", "tickformat": ".0%"},
+            "xaxis": {"title": "ground-truth class"},
+            "margin": {"t": 20},
+        },
+    }

@@ -93,3 +93,16 @@ def _to_rgb(img):
 
     # alpha is dropped: the model sees the colours stored under it
     return img.convert("RGB")
+
+
+def displayed_size(path):
+    """The (width, height) of an image as displayed (EXIF orientation
+    applied), read from its header only."""
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
+            return (h, w) if _exif_swaps_axes(img) else (w, h)
+    except FileNotFoundError:
+        raise ImageError(f"file not found: {path}") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise ImageError(f"cannot read image header ({e}): {path}") from None

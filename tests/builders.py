@@ -24,8 +24,10 @@ def _read_yaml_names(path, section):
 
 
 def coco128_dataset(name, coco_dir):
-    """COCO128 with boxes (``ground_truth``), filled instance polygons
-    (``polygons``) and semantic masks (``segmentation``, with mask targets).
+    """COCO128 with boxes (``ground_truth``, YOLO class ids from
+    ``config.yaml``), filled instance polygons (``polygons``, COCO category
+    ids like the masks) and semantic masks (``segmentation``, with mask
+    targets from ``semantic_config.yaml``).
 
     Every image gets ``ground_truth``; polygons and masks exist for the 100
     images the shared data has them for.
@@ -57,7 +59,8 @@ def coco128_dataset(name, coco_dir):
                 pts = list(zip(row[1::2], row[2::2]))
                 lines.append(
                     fo.Polyline(
-                        label=box_names[int(row[0])],
+                        # polygon files use COCO category ids, like the masks
+                        label=mask_names[int(row[0])],
                         points=[pts],
                         closed=True,
                         filled=True,

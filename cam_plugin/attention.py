@@ -1,0 +1,324 @@
+"""Attention metrics of a dataset's heatmaps against its labelled regions,
+written as scalar fields the App can filter on.
+
+For a heatmap field ``F`` (and its ground-truth-class twin ``F_gt``, which
+uses the same region) this writes ``F_object_energy``, ``F_object_area``,
+``F_pointing_hit`` and ``F_border_energy``, plus ``F_pred_gt_agreement``
+(top-20% IoU of the two maps). See :mod:`cam_plugin.metrics` for the
+definitions.
+"""
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+import fiftyone as fo
+import fiftyone.core.utils as fou
+
+from . import runs
+from .heatmaps import read_levels
+from .images import ImageError, displayed_size
+from .metrics import attention_metrics, top_fraction_iou
+from .regions import default_region_classes, region_labels, region_mask
+
+REGION_METRICS = ("object_energy", "object_area", "pointing_hit")
+AGREEMENT = "pred_gt_agreement"
+REGION_TYPES = (
+    fo.Detections,
+    fo.Detection,
+    fo.Polylines,
+    fo.Polyline,
+    fo.Segmentation,
+    fo.Heatmap,
+)
+
+
+class AttentionError(ValueError):
+    """Attention metrics that cannot be computed as asked."""
+
+
+def metric_field(heatmap_field, metric):
+    """The name of a metric field: ``<heatmap_field>_<metric>``."""
+    return f"{heatmap_field}_{metric}"
+
+
+def _embedded_type(samples, field_name):
+    field = samples.get_field(field_name)
+    if isinstance(field, fo.EmbeddedDocumentField):
+        return field.document_type
+    return None
+
+
+def _cam_run_of(samples, heatmap_field):
+    owner = runs.field_owners(samples).get(heatmap_field)
+    if owner is None:
+        return None, {}
+    config = runs.get_run(samples, owner)
+    return (owner, config) if config.get("method") == runs.CAM_RUN else (None, {})
+
+
+class AttentionRun:
+    """One call of :func:`cam_plugin.compute_attention`: validated on
+    construction, executed by :meth:`run`."""
+
+    def __init__(
+        self,
+        samples,
+        heatmap_field="cam",
+        region_field=None,
+        label_field=None,
+        gt_heatmap_field=None,
+        region_classes="gt",
+        mask_values=None,
+        heatmap_threshold=0.5,
+        tolerance=15.0,
+        border=0.1,
+        top_fraction=0.2,
+        run_key=None,
+        overwrite=False,
+        batch_size=256,
+        device=None,
+        progress=None,
+    ):
+        self.samples = samples
+        self.dataset = samples._root_dataset
+        self.heatmap_field = heatmap_field
+        self.region_field = region_field
+        self.mask_values = set(mask_values) if mask_values is not None else None
+        self.heatmap_threshold = heatmap_threshold
+        self.tolerance = float(tolerance)
+        self.border = float(border)
+        self.top_fraction = float(top_fraction)
+        self.key = run_key or f"{heatmap_field}_attention"
+        self.overwrite = overwrite
+        self.batch_size = batch_size
+        self.progress = progress
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+        if _embedded_type(samples, heatmap_field) is not fo.Heatmap:
+            raise AttentionError(
+                f"'{heatmap_field}' is not an fo.Heatmap field of dataset "
+                f"'{self.dataset.name}'"
+            )
+
+        self.cam_key, cam_config = _cam_run_of(samples, heatmap_field)
+        if gt_heatmap_field is None:
+            targets = cam_config.get("targets") or {}
+            gt_heatmap_field = targets.get("gt") if targets.get("pred") == heatmap_field else None
+        if gt_heatmap_field is not None and _embedded_type(samples, gt_heatmap_field) is not fo.Heatmap:
+            raise AttentionError(f"'{gt_heatmap_field}' is not an fo.Heatmap field")
+        self.gt_heatmap_field = gt_heatmap_field
+
+        if label_field is None:
+            label_field = cam_config.get("label_field")
+        if label_field is not None and _embedded_type(samples, label_field) is not fo.Classification:
+            raise AttentionError(
+                f"label_field '{label_field}' must be an fo.Classification field"
+            )
+        self.label_field = label_field
+
+        if region_field is not None:
+            rtype = _embedded_type(samples, region_field)
+            if rtype not in REGION_TYPES:
+                raise AttentionError(
+                    f"region_field '{region_field}' must hold detections, "
+                    "polylines, a segmentation or a heatmap; it holds "
+                    f"{rtype.__name__ if rtype else 'no labels'}"
+                )
+            masks = samples.mask_targets.get(region_field) or samples.default_mask_targets
+            self.mask_targets = {int(k): v for k, v in (masks or {}).items()}
+        else:
+            self.mask_targets = {}
+
+        if isinstance(region_classes, str) and region_classes not in ("gt", "all"):
+            raise AttentionError(
+                "region_classes must be 'gt', 'all' or a list of label names"
+            )
+        self.region_classes = (
+            region_classes if isinstance(region_classes, str) else sorted(region_classes)
+        )
+
+        self.map_fields = [heatmap_field] + ([gt_heatmap_field] if gt_heatmap_field else [])
+        self.fields = {}
+        for f in self.map_fields:
+            if region_field is not None:
+                self.fields[metric_field(f, "object_energy")] = (fo.FloatField, None)
+                self.fields[metric_field(f, "object_area")] = (fo.FloatField, None)
+                self.fields[metric_field(f, "pointing_hit")] = (fo.BooleanField, None)
+            self.fields[metric_field(f, "border_energy")] = (fo.FloatField, None)
+        if gt_heatmap_field:
+            self.fields[metric_field(heatmap_field, AGREEMENT)] = (fo.FloatField, None)
+
+        runs.check_new_fields(samples, self.key, self.fields, overwrite=overwrite)
+
+    def config(self):
+        return {
+            "heatmap_field": self.heatmap_field,
+            "gt_heatmap_field": self.gt_heatmap_field,
+            "region_field": self.region_field,
+            "label_field": self.label_field,
+            "region_classes": self.region_classes,
+            "mask_values": sorted(self.mask_values) if self.mask_values is not None else None,
+            "heatmap_threshold": self.heatmap_threshold,
+            "tolerance": self.tolerance,
+            "border": self.border,
+            "top_fraction": self.top_fraction,
+            "fields": list(self.fields),
+            "depends_on": [self.cam_key] if self.cam_key else [],
+        }
+
+    def run(self):
+        """Computes and writes the metrics; returns a summary dict."""
+        started = time.time()
+        runs.start_run(
+            self.samples, self.key, runs.ATTENTION_RUN, self.config(), overwrite=self.overwrite
+        )
+        runs.ensure_fields(self.dataset, self.fields)
+
+        ids = self.samples.exists(self.heatmap_field).values("id")
+        counts = {"samples": 0, "without_region": 0, "errors": 0}
+        with ThreadPoolExecutor(max_workers=4) as pool, fou.ProgressBar(
+            total=len(ids), progress=self.progress
+        ) as pb:
+            for start in range(0, len(ids), self.batch_size):
+                chunk = ids[start : start + self.batch_size]
+                values = self._compute_chunk(chunk, pool, counts)
+                for field_name, by_id in values.items():
+                    if by_id:
+                        self.dataset.set_values(field_name, by_id, key_field="id")
+                pb.update(count=len(chunk))
+
+        runs.update_run(self.samples, self.key, status="completed", counts=counts)
+        runs.ensure_fields(self.dataset, self.fields)
+        return dict(counts, key=self.key, seconds=time.time() - started)
+
+    def _read(self, chunk):
+        paths = ["filepath", "metadata", self.heatmap_field]
+        paths += [p for p in (self.gt_heatmap_field, self.region_field) if p]
+        if self.label_field:
+            paths.append(f"{self.label_field}.label")
+        view = self.samples.select(chunk, ordered=True)
+        return dict(zip(paths, view.values(paths)))
+
+    def _compute_chunk(self, chunk, pool, counts):
+        data = self._read(chunk)
+        n = len(chunk)
+        out = {name: {} for name in self.fields}
+
+        maps = {}
+        for f in self.map_fields:
+            labels = data[f]
+            loaded = list(pool.map(_load_map, labels))
+            maps[f] = loaded
+
+        regions = [None] * n
+        tolerances = [self.tolerance] * n
+        for i in range(n):
+            pred_map = maps[self.heatmap_field][i]
+            if pred_map is None:
+                continue
+            h, w = pred_map.shape
+            image_w = self._image_width(data["filepath"][i], data["metadata"][i], w, h)
+            tolerances[i] = round(self.tolerance * w / image_w * 2) / 2 if image_w else self.tolerance
+            if self.region_field is not None:
+                regions[i] = self._region(data, i, w, h, counts)
+
+        for f in self.map_fields:
+            groups = {}
+            for i, m in enumerate(maps[f]):
+                if m is not None:
+                    groups.setdefault((m.shape, tolerances[i], regions[i] is None), []).append(i)
+
+            for (shape, tol, no_region), rows in groups.items():
+                stacked = torch.from_numpy(np.stack([maps[f][i] for i in rows])).to(self.device)
+                region_t = None
+                if self.region_field is not None and not no_region:
+                    region_t = torch.stack([regions[i] for i in rows]).to(self.device)
+                metrics = attention_metrics(stacked, region_t, tolerance=tol, border=self.border)
+                for name, vals in metrics.items():
+                    field_name = metric_field(f, name)
+                    if field_name not in out:
+                        continue
+                    for i, v in zip(rows, vals.tolist()):
+                        out[field_name][chunk[i]] = _as_field_value(v, name)
+
+        if self.gt_heatmap_field:
+            pairs = {}
+            for i in range(n):
+                a, b = maps[self.heatmap_field][i], maps[self.gt_heatmap_field][i]
+                if a is not None and b is not None and a.shape == b.shape:
+                    pairs.setdefault(a.shape, []).append(i)
+            agreement_field = metric_field(self.heatmap_field, AGREEMENT)
+            for rows in pairs.values():
+                a = torch.from_numpy(np.stack([maps[self.heatmap_field][i] for i in rows]))
+                b = torch.from_numpy(np.stack([maps[self.gt_heatmap_field][i] for i in rows]))
+                iou = top_fraction_iou(a.to(self.device), b.to(self.device), self.top_fraction)
+                for i, v in zip(rows, iou.tolist()):
+                    out[agreement_field][chunk[i]] = _as_field_value(v, AGREEMENT)
+
+        counts["samples"] += sum(m is not None for m in maps[self.heatmap_field])
+        return out
+
+    def _region(self, data, i, width, height, counts):
+        label = data[self.region_field][i]
+        if label is None:
+            counts["without_region"] += 1
+            return None
+
+        if self.region_classes == "all":
+            classes = None
+        elif self.region_classes == "gt":
+            gt = data[f"{self.label_field}.label"][i] if self.label_field else None
+            classes = default_region_classes(gt, region_labels(label, self.mask_targets))
+        else:
+            classes = set(self.region_classes)
+
+        return region_mask(
+            label,
+            width,
+            height,
+            classes=classes,
+            mask_values=self.mask_values,
+            mask_targets=self.mask_targets,
+            heatmap_threshold=self.heatmap_threshold,
+        )
+
+    @staticmethod
+    def _image_width(filepath, metadata, map_w, map_h):
+        """The displayed width of the image, so the tolerance (given in image
+        pixels) can be converted to heatmap pixels."""
+        if metadata is not None and metadata.width and metadata.height:
+            w, h = metadata.width, metadata.height
+            aspect = map_w / map_h
+            # metadata may hold the stored size of an EXIF-rotated image
+            return w if abs(w / h - aspect) <= abs(h / w - aspect) else h
+        try:
+            return displayed_size(filepath)[0]
+        except ImageError:
+            return None
+
+
+def _load_map(label):
+    if label is None:
+        return None
+    if label.map is not None:
+        return np.asarray(label.map, dtype=np.float32)
+    try:
+        return read_levels(label.map_path)
+    except (OSError, ValueError):
+        return None
+
+
+def _as_field_value(value, metric):
+    if value != value:  # NaN: undefined for this sample
+        return None
+    if metric == "pointing_hit":
+        return bool(value)
+    return float(value)
+
+
+def compute_attention(samples, heatmap_field="cam", region_field=None, **kwargs):
+    """See :func:`cam_plugin.compute_attention`."""
+    return AttentionRun(samples, heatmap_field, region_field, **kwargs).run()
