@@ -19,10 +19,26 @@ The CAM math (:mod:`cam_plugin.cams`) is torch-only and usable on its own.
 
 from .cams import METHODS, CamError, CamExtractor
 from .models import Classifier, ModelError, load_classifier
-from .runs import RunError
-from .views import Thresholds
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # FiftyOne-facing names load on first use, so the CAM math
+    # (cam_plugin.cams, models, frames, batches) imports without FiftyOne
+    if name == "RunError":
+        from .runs import RunError
+
+        return RunError
+    if name == "Thresholds":
+        from .views import Thresholds
+
+        return Thresholds
+    if name in ("views", "runs", "attention", "pipeline", "heatmaps", "forms", "demo"):
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'cam_plugin' has no attribute '{name}'")
 
 
 def compute_cams(
@@ -41,7 +57,7 @@ def compute_cams(
     num_workers=None,
     device=None,
     mixed_precision=False,
-    heatmap_size=512,
+    heatmap_size=256,
     output_dir=None,
     run_key=None,
     overwrite=False,
@@ -91,7 +107,7 @@ def compute_cams(
         num_workers (None): image-decoding worker processes
         device (None): ``"cuda"``, ``"cpu"``...; CUDA when available
         mixed_precision (False): run the forward pass in CUDA autocast
-        heatmap_size (512): the longest side of the heatmap files; the full
+        heatmap_size (256): the longest side of the heatmap files; the full
             image frame is kept, only the resolution is capped
         output_dir (None): where heatmap files go (in ``<output_dir>/<run
             key>``); default under ``fo.config.default_dataset_dir``
@@ -253,6 +269,7 @@ def attention_views(
     Returns:
         a dict from view name to ``fo.DatasetView``
     """
+    from .views import Thresholds
     from .views import attention_views as build
 
     thresholds = Thresholds(background_focus, object_focus, max_object_area, confidence)
@@ -273,6 +290,7 @@ def class_summary(
     ``class``, ``samples``, ``off_object``, ``off_object_share``,
     ``mean_focus``, ``mean_object_energy``, ``accuracy`` and
     ``misclassified_background``."""
+    from .views import Thresholds
     from .views import class_summary as summarise
 
     thresholds = Thresholds(background_focus=background_focus, max_object_area=max_object_area)

@@ -9,7 +9,6 @@ resamples maps into the full frame on the maps' device, zero outside the
 window.
 """
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -276,32 +275,43 @@ def frame_size(width, height, max_side):
     return max(1, int(round(width * scale))), max(1, int(round(height * scale)))
 
 
-def to_frame(maps, windows, image_size, out_size):
-    """Resamples maps covering model inputs into the full image frame.
+def to_frame(maps, windows, image_sizes, out_sizes):
+    """Resamples maps covering model inputs into the full image frame, all
+    samples in one batched resampling (whatever their sizes).
 
     Args:
         maps: (N, h, w) maps on any device, each covering its sample's
             model input
         windows: (N, 4) windows (x0, y0, x1, y1) in original pixels
-        image_size: the (width, height) of the original images (one size
-            for all N)
-        out_size: the (width, height) of the output frame
+        image_sizes: the (width, height) of the original image, one for all
+            or one per sample
+        out_sizes: the (width, height) of each output frame, one for all or
+            one per sample
 
     Returns:
-        (N, out_h, out_w) float32 maps: bilinear inside the window (edge
+        (N, max out_h, max out_w) float32 maps: sample ``i`` fills the top
+        left ``out_h_i x out_w_i`` corner, bilinear inside its window (edge
         values held at its border, as a plain resize would), zero outside
+        the window and beyond its own size
     """
     n = maps.shape[0]
-    width, height = image_size
-    out_w, out_h = out_size
     device = maps.device
     win = torch.as_tensor(windows, dtype=torch.float32, device=device).reshape(n, 4)
+    sizes = torch.as_tensor(image_sizes, dtype=torch.float32, device=device).reshape(-1, 2)
+    outs = torch.as_tensor(out_sizes, dtype=torch.float32, device=device).reshape(-1, 2)
+    sizes, outs = sizes.expand(n, 2), outs.expand(n, 2)
+    out_w, out_h = int(outs[:, 0].max()), int(outs[:, 1].max())
 
-    # output pixel centres in original-image coordinates
-    px = (torch.arange(out_w, device=device, dtype=torch.float32) + 0.5) * (width / out_w)
-    py = (torch.arange(out_h, device=device, dtype=torch.float32) + 0.5) * (height / out_h)
-    gx = 2 * (px[None, :] - win[:, 0:1]) / (win[:, 2:3] - win[:, 0:1]) - 1
-    gy = 2 * (py[None, :] - win[:, 1:2]) / (win[:, 3:4] - win[:, 1:2]) - 1
+    # output pixel centres in original-image coordinates, per sample
+    cols = torch.arange(out_w, device=device, dtype=torch.float32) + 0.5
+    rows = torch.arange(out_h, device=device, dtype=torch.float32) + 0.5
+    px = cols[None, :] * (sizes[:, 0:1] / outs[:, 0:1])
+    py = rows[None, :] * (sizes[:, 1:2] / outs[:, 1:2])
+    gx = 2 * (px - win[:, 0:1]) / (win[:, 2:3] - win[:, 0:1]) - 1
+    gy = 2 * (py - win[:, 1:2]) / (win[:, 3:4] - win[:, 1:2]) - 1
+    # columns and rows past a sample's own size fall outside its window
+    gx = torch.where(cols[None, :] < outs[:, 0:1], gx, torch.full_like(gx, 2.0))
+    gy = torch.where(rows[None, :] < outs[:, 1:2], gy, torch.full_like(gy, 2.0))
 
     grid = torch.stack(
         [gx[:, None, :].expand(n, out_h, out_w), gy[:, :, None].expand(n, out_h, out_w)],
@@ -312,16 +322,3 @@ def to_frame(maps, windows, image_size, out_size):
     )[:, 0]
     inside = (grid.abs() <= 1).all(dim=-1)
     return out * inside
-
-
-def window_iou(a, b):
-    """Overlap of two windows, for tests and diagnostics."""
-    ix = max(0.0, min(a.x1, b.x1) - max(a.x0, b.x0))
-    iy = max(0.0, min(a.y1, b.y1) - max(a.y0, b.y0))
-    inter = ix * iy
-    union = (a.x1 - a.x0) * (a.y1 - a.y0) + (b.x1 - b.x0) * (b.y1 - b.y0) - inter
-    return inter / union if union > 0 else 0.0
-
-
-def is_finite_window(window):
-    return all(math.isfinite(v) for v in window.as_tuple())

@@ -1,7 +1,7 @@
-"""The dataset-scale CAM run: images decoded in DataLoader workers, CAMs,
-frame mapping and quantisation on the device, PNGs encoded in background
-threads, fields written in bulk, per-sample failures recorded, and resumable
-after an interruption.
+"""The dataset-scale CAM run on a FiftyOne collection: images decoded in
+DataLoader workers, maps computed by :mod:`cam_plugin.batches`, PNGs encoded
+in background threads, fields written in bulk after their files, per-sample
+failures recorded, and resumable after an interruption.
 """
 
 import logging
@@ -17,10 +17,9 @@ import fiftyone as fo
 import fiftyone.core.utils as fou
 
 from . import runs
+from .batches import SampleImages, collate_groups, compute_batch
 from .cams import CamError, CamExtractor
-from .frames import TransformError, frame_size, input_window, to_frame
-from .heatmaps import HEATMAP_RANGE, PngWriter, quantize, remove_temporary_files
-from .images import ImageError, load_rgb
+from .heatmaps import HEATMAP_RANGE, PngWriter, remove_temporary_files
 from .models import input_shape_of, load_classifier
 
 logger = logging.getLogger(__name__)
@@ -136,62 +135,6 @@ def parse_targets(targets, heatmap_field, classes, has_labels):
     return unique
 
 
-class SampleImages(torch.utils.data.Dataset):
-    """Decodes and preprocesses sample images; a failure becomes a record
-    with the reason instead of an exception, so it never stops the loader."""
-
-    def __init__(self, filepaths, transforms, min_side):
-        self.filepaths = filepaths
-        self.transforms = transforms
-        self.min_side = min_side
-        self._windows = {}
-
-    def __len__(self):
-        return len(self.filepaths)
-
-    def __getitem__(self, index):
-        path = self.filepaths[index]
-        try:
-            img, (full_w, full_h) = load_rgb(path, min_side=self.min_side)
-            tensor = self.transforms(img)
-            if not isinstance(tensor, torch.Tensor) or tensor.ndim != 3:
-                raise TransformError(
-                    "transforms must return a (channels, height, width) tensor, "
-                    f"got {type(tensor).__name__} {tuple(getattr(tensor, 'shape', ()))}"
-                )
-            if not tensor.is_floating_point():
-                raise TransformError(
-                    f"transforms returned a {tensor.dtype} tensor; add ToTensor() "
-                    "or ToDtype(torch.float32, scale=True)"
-                )
-
-            window = self._window(img.size, tuple(tensor.shape[-2:]))
-            window = window.scaled(full_w / img.size[0], full_h / img.size[1])
-            return {
-                "index": index,
-                "tensor": tensor,
-                "size": (full_w, full_h),
-                "window": window.as_tuple(),
-                "error": None,
-            }
-        except (ImageError, TransformError) as e:
-            return {"index": index, "error": str(e)}
-        except Exception as e:  # a transform failing on one image
-            return {"index": index, "error": f"preprocessing failed: {type(e).__name__}: {e}"}
-
-    def _window(self, size, out_hw):
-        key = (size, out_hw)
-        window = self._windows.get(key)
-        if window is None:
-            window = input_window(self.transforms, size[0], size[1], output_hw=out_hw)
-            self._windows[key] = window
-        return window
-
-
-def _collate(items):
-    return items
-
-
 def _error_reason(message):
     """Groups error messages by kind for the summary (paths stripped)."""
     reason = message.split(": /")[0].split(" (")[0]
@@ -218,7 +161,7 @@ class CamRun:
         num_workers=None,
         device=None,
         mixed_precision=False,
-        heatmap_size=512,
+        heatmap_size=256,
         output_dir=None,
         run_key=None,
         overwrite=False,
@@ -377,7 +320,7 @@ class CamRun:
 
         status = "running"
         try:
-            with PngWriter(num_threads=2) as writer:
+            with PngWriter(num_threads=max(1, min(8, (os.cpu_count() or 2) // 2))) as writer:
                 self._writer = writer
                 try:
                     yield from self._loop(ids, paths, gt)
@@ -407,29 +350,26 @@ class CamRun:
             SampleImages(paths, self.classifier.transforms, min_side=max(self.input_shape[-2:])),
             batch_size=self.batch_size,
             num_workers=self.num_workers if len(paths) > self.batch_size else 0,
-            collate_fn=_collate,
+            collate_fn=collate_groups,
             pin_memory=self.device.type == "cuda",
             persistent_workers=False,
         )
         gt_index = self._gt_index
         with fou.ProgressBar(total=len(ids), progress=self.progress) as pb:
-            for items in loader:
-                good = []
-                for item in items:
-                    i = item["index"]
-                    item["id"] = ids[i]
-                    item["gt"] = -1 if gt_index is None or gt[i] is None else gt_index[gt[i]]
-                    if item["error"] is not None:
-                        self._record_error(item["id"], item["error"])
-                    else:
-                        good.append(item)
+            for batch in loader:
+                for item in batch["failed"]:
+                    self._record_error(ids[item["index"]], item["error"])
 
-                for group in _group_by_shape(good):
+                for group in batch["groups"]:
+                    for item in group.items:
+                        i = item["index"]
+                        item["id"] = ids[i]
+                        item["gt"] = -1 if gt_index is None or gt[i] is None else gt_index[gt[i]]
                     self._process(group)
 
                 if len(self._pending.get(self.pred_field, ())) >= self.flush_every:
                     self._flush()
-                pb.update(count=len(items))
+                pb.update(count=len(batch["failed"]) + sum(len(g) for g in batch["groups"]))
                 self._check_all_failing()
                 yield self._done + self._failed, len(ids)
 
@@ -445,7 +385,7 @@ class CamRun:
 
     def _process(self, group):
         for start in range(0, len(group), self._max_batch):
-            self._process_chunk(group[start : start + self._max_batch])
+            self._process_chunk(group.split(start, start + self._max_batch))
 
     def _process_chunk(self, chunk):
         try:
@@ -453,7 +393,7 @@ class CamRun:
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
             if len(chunk) == 1:
-                self._record_error(chunk[0]["id"], "CAM failed: out of GPU memory")
+                self._record_error(chunk.items[0]["id"], "CAM failed: out of GPU memory")
                 return
             self._max_batch = max(1, len(chunk) // 2)
             logger.warning("GPU out of memory; batch size now %d", self._max_batch)
@@ -461,66 +401,40 @@ class CamRun:
         except Exception as e:
             if len(chunk) > 1:
                 # isolate the sample(s) that break the batch
-                for item in chunk:
-                    self._process_chunk([item])
+                for i in range(len(chunk)):
+                    self._process_chunk(chunk.split(i, i + 1))
                 return
-            self._record_error(chunk[0]["id"], f"CAM failed: {type(e).__name__}: {e}")
+            self._record_error(chunk.items[0]["id"], f"CAM failed: {type(e).__name__}: {e}")
 
     def _compute(self, chunk):
-        device = self.device
-        x = torch.stack([item["tensor"] for item in chunk])
-        x = x.to(device, non_blocking=True)
-        gt = torch.tensor([item["gt"] for item in chunk], device=device)
-
-        target_fns = {t.name: (lambda logits, t=t: t.pick(logits, gt)) for t in self.targets}
-        result = self.extractor(x, target_fns)
-
-        probs = torch.softmax(result.logits, dim=1)
-        conf, pred = probs.max(dim=1)
-        logits = result.logits.cpu().numpy()
-        pred = pred.cpu().tolist()
-        conf = conf.cpu().tolist()
-        classes_np = result.classes.cpu().numpy()
-        valid_np = result.valid.cpu().numpy()
-
-        windows = torch.tensor([item["window"] for item in chunk], dtype=torch.float32)
-        sizes = [item["size"] for item in chunk]
+        picks = {t.name: t.pick for t in self.targets}
+        results = compute_batch(self.extractor, chunk, picks, self.heatmap_size, self.device)
         names = self.classifier.classes
-
-        heatmaps = [[None] * len(self.targets) for _ in chunk]
-        for size, rows in _group_rows(sizes).items():
-            out_size = frame_size(size[0], size[1], self.heatmap_size)
-            idx = torch.tensor(rows, device=result.maps.device)
-            for t_index, target in enumerate(self.targets):
-                maps = result.maps[idx, t_index]
-                framed = to_frame(maps, windows[rows].to(maps.device), size, out_size)
-                levels, raw_max = quantize(framed)
-                for k, row in enumerate(rows):
-                    if not valid_np[row, t_index]:
-                        continue
-                    item = chunk[row]
-                    path = os.path.join(
-                        self.files_dir, target.name.replace(":", "_"), f"{item['id']}.png"
-                    )
-                    self._writer.submit(path, levels[k])
-                    cls = int(classes_np[row, t_index])
-                    heatmaps[row][t_index] = fo.Heatmap(
-                        map_path=path,
-                        range=list(HEATMAP_RANGE),
-                        raw_max=float(raw_max[k]),
-                        target=names[cls] if names else str(cls),
-                    )
-
-        for row, item in enumerate(chunk):
-            label = names[pred[row]] if names else str(pred[row])
+        for item, result in zip(chunk.items, results):
+            label = names[result.pred] if names else str(result.pred)
             self._queue(
                 self.pred_field,
                 item["id"],
-                fo.Classification(label=label, confidence=conf[row], logits=logits[row]),
+                fo.Classification(label=label, confidence=result.confidence, logits=result.logits),
             )
-            for t_index, target in enumerate(self.targets):
-                if heatmaps[row][t_index] is not None:
-                    self._queue(target.field, item["id"], heatmaps[row][t_index])
+            for target in self.targets:
+                framed = result.maps.get(target.name)
+                if framed is None:
+                    continue
+                path = os.path.join(
+                    self.files_dir, target.name.replace(":", "_"), f"{item['id']}.png"
+                )
+                self._writer.submit(path, framed.levels)
+                self._queue(
+                    target.field,
+                    item["id"],
+                    fo.Heatmap(
+                        map_path=path,
+                        range=list(HEATMAP_RANGE),
+                        raw_max=framed.raw_max,
+                        target=names[framed.class_index] if names else str(framed.class_index),
+                    ),
+                )
             self._done += 1
 
     def _queue(self, field_name, sample_id, value):
@@ -538,20 +452,6 @@ class CamRun:
         for field_name, values in pending.items():
             if values:
                 self.dataset.set_values(field_name, values, key_field="id")
-
-
-def _group_by_shape(items):
-    groups = {}
-    for item in items:
-        groups.setdefault(tuple(item["tensor"].shape), []).append(item)
-    return list(groups.values())
-
-
-def _group_rows(sizes):
-    groups = {}
-    for row, size in enumerate(sizes):
-        groups.setdefault(tuple(size), []).append(row)
-    return groups
 
 
 def _module_device(module):
