@@ -16,12 +16,13 @@ colour marker (the *cue*) somewhere in the background, away from the shape.
 
 A small CNN (conv layers, global average pooling, a linear layer) is trained
 on the train split, :func:`cam_plugin.compute_cams` computes Grad-CAM maps
-for the test split, and the demo measures how much of each map's mass lies
-inside the shape's box. Where the cue is swapped, the model follows it for
+for the test split, and :func:`cam_plugin.compute_attention` measures how
+much of each map's mass lies inside the shape's box. Where the cue is
+swapped, the model follows it for
 about half of the images (nearly all the faint ones, a few clear ones), and
 those maps light up the marker, not the shape (about 10% of their mass in the
-box): the view "misclassified and attention off the object" finds the images
-that followed the cue with precision and recall near 1. Correct predictions
+box): the plugin's ``misclassified_background`` view finds the images that
+followed the cue with precision and recall near 1. Correct predictions
 on clear shapes keep about 40% of the mass in the tight box: the evidence
 for a shape is its outline, and the maps spill over it.
 
@@ -81,8 +82,6 @@ GENERATOR_VERSION = 1
 
 DATASET_NAME = "cam-demo"
 HEATMAP_FIELD = "cam"
-# In-box mass below which attention counts as "off the object"
-OFF_OBJECT = 0.3
 
 
 @dataclass(frozen=True)
@@ -598,46 +597,25 @@ def build_dataset(records, name=DATASET_NAME):
 # ---------------------------------------------------------------------------
 
 
-def box_mass_share(levels, box):
-    """The share of a map's mass inside a box.
-
-    A pixel is inside iff its centre is (``x <= cx < x + w``), with pixel
-    centres in relative coordinates of the full image frame, which the map
-    covers.
-
-    Args:
-        levels: a non-negative (H, W) array
-        box: a relative ``[x, y, w, h]`` box
-
-    Returns:
-        a float in [0, 1], or NaN for an all-zero map
-    """
-    levels = np.asarray(levels, dtype=np.float64)
-    height, width = levels.shape
-    total = levels.sum()
-    if total <= 0:
-        return float("nan")
-
-    x, y, w, h = box
-    cx = (np.arange(width) + 0.5) / width
-    cy = (np.arange(height) + 0.5) / height
-    cols = (x <= cx) & (cx < x + w)
-    rows = (y <= cy) & (cy < y + h)
-    return float(levels[np.ix_(rows, cols)].sum() / total)
-
-
-def measure_attention(samples, heatmap_field=HEATMAP_FIELD, pred_field="cam_prediction"):
-    """Stores, per sample, the share of the predicted-class heatmap's mass
-    inside the shape's box (``<heatmap_field>_in_box``) and whether the
-    prediction followed a swapped cue (``followed_cue``).
+def evaluate(samples, heatmap_field=HEATMAP_FIELD, pred_field="cam_prediction"):
+    """Measures the attention with the plugin itself: ``compute_attention``
+    against the shapes' boxes, then the attention views, and records per
+    sample whether its prediction followed a swapped cue (``followed_cue``,
+    known by construction).
 
     Returns:
         a dict of per-sample lists: ``id``, ``label``, ``pred``, ``cue``,
-        ``swapped``, ``faint``, ``in_box``
+        ``swapped``, ``faint``, ``in_box`` (the object energy) and
+        ``flagged`` (in the ``misclassified_background`` view), plus
+        ``class_summary``, the per-class summary rows
     """
-    from .heatmaps import read_levels
+    import cam_plugin
 
-    ids, labels, preds, cues, swapped, faint, boxes, paths = samples.values(
+    cam_plugin.compute_attention(samples, heatmap_field, region_field="objects", overwrite=True)
+    views = cam_plugin.attention_views(samples, heatmap_field)
+    flagged = set(views["misclassified_background"].values("id"))
+
+    ids, labels, preds, cues, swapped, faint, in_box = samples.values(
         [
             "id",
             "ground_truth.label",
@@ -645,19 +623,11 @@ def measure_attention(samples, heatmap_field=HEATMAP_FIELD, pred_field="cam_pred
             "cue",
             "cue_swapped",
             "faint",
-            "objects.detections.bounding_box",
-            f"{heatmap_field}.map_path",
+            f"{heatmap_field}_object_energy",
         ]
     )
-    in_box = [
-        box_mass_share(read_levels(path), box[0]) if path and box else float("nan")
-        for path, box in zip(paths, boxes)
-    ]
     followed = [bool(s and p == c != g) for g, p, c, s in zip(labels, preds, cues, swapped)]
-
-    dataset = samples._root_dataset
-    dataset.set_values(f"{heatmap_field}_in_box", dict(zip(ids, in_box)), key_field="id")
-    dataset.set_values("followed_cue", dict(zip(ids, followed)), key_field="id")
+    samples._root_dataset.set_values("followed_cue", dict(zip(ids, followed)), key_field="id")
     return {
         "id": ids,
         "label": labels,
@@ -665,20 +635,21 @@ def measure_attention(samples, heatmap_field=HEATMAP_FIELD, pred_field="cam_pred
         "cue": cues,
         "swapped": swapped,
         "faint": faint,
-        "in_box": in_box,
+        "in_box": [float("nan") if v is None else v for v in in_box],
+        "flagged": [i in flagged for i in ids],
+        "class_summary": cam_plugin.class_summary(samples, heatmap_field),
     }
 
 
-def summarize(values, off_object=OFF_OBJECT):
-    """The demo's numbers from :func:`measure_attention`'s values.
+def summarize(values):
+    """The demo's numbers from :func:`evaluate`'s values.
 
     Returns:
         a dict: counts and accuracies of unswapped/swapped samples, how many
         predictions followed the cue (of the faint and the clear shapes),
         the mean and median in-box mass of cue-followers and of correct
-        unswapped samples, and the precision and recall with which the view
-        "misclassified and in-box mass < ``off_object``" finds the
-        cue-followers
+        unswapped samples, and the precision and recall with which the
+        ``misclassified_background`` view finds the cue-followers
     """
     label = np.array(values["label"], dtype=object)
     pred = np.array(values["pred"], dtype=object)
@@ -690,7 +661,7 @@ def summarize(values, off_object=OFF_OBJECT):
     correct = pred == label
     followed = swapped & (pred == cue) & ~correct
     correct_unswapped = correct & ~swapped
-    flagged = ~correct & (in_box < off_object)  # NaN compares False
+    flagged = np.array(values["flagged"], dtype=bool)
 
     def mean(mask):
         return float(np.nanmean(in_box[mask])) if np.any(mask) else float("nan")
@@ -719,7 +690,6 @@ def summarize(values, off_object=OFF_OBJECT):
         "in_box_correct_median": median(correct_unswapped),
         "in_box_correct_clear": mean(correct_unswapped & ~faint),
         "in_box_correct_faint": mean(correct_unswapped & faint),
-        "off_object": off_object,
         "n_flagged": int(flagged.sum()),
         "flag_precision": ratio((flagged & followed).sum(), flagged.sum()),
         "flag_recall": ratio((flagged & followed).sum(), followed.sum()),
@@ -745,15 +715,20 @@ def format_summary(info):
         f"{m['n_swapped']} ({pct(m['follow_rate'])}; faint shapes "
         f"{pct(m['follow_rate_faint'])}, clear shapes {pct(m['follow_rate_clear'])})",
         f"  other errors: {m['n_other_errors']}",
-        "Share of the Grad-CAM mass (predicted class) inside the shape's box:",
+        "Object energy (share of the predicted-class Grad-CAM mass inside the shape's box):",
         f"  predictions that followed the cue: mean {num(m['in_box_followed'])}, "
         f"median {num(m['in_box_followed_median'])}",
         f"  correct, cue matching the class:   mean {num(m['in_box_correct'])}, "
         f"median {num(m['in_box_correct_median'])} (clear shapes "
         f"{num(m['in_box_correct_clear'])}, faint {num(m['in_box_correct_faint'])})",
-        f"View 'misclassified and in-box mass < {m['off_object']}': {m['n_flagged']} "
-        f"samples; precision {num(m['flag_precision'])}, recall "
-        f"{num(m['flag_recall'])} for the cue-followers",
+        f"View 'misclassified_background': {m['n_flagged']} samples; precision "
+        f"{num(m['flag_precision'])}, recall {num(m['flag_recall'])} for the cue-followers",
+        "Classes by share of samples looking off the object:",
+        *[
+            f"  {r['class']:<10} {pct(r['off_object_share'])} of {r['samples']} "
+            f"(accuracy {pct(r['accuracy'])})"
+            for r in info["class_summary"]
+        ],
         str(info["cam_summary"]),
         f"Timings: images {t['generate']:.1f} s, training {t['train']:.1f} s, "
         f"CAMs {t['cams']:.1f} s",
@@ -794,6 +769,7 @@ def run_demo(
         ``seed`` and ``summary`` (the printed text)
     """
     import cam_plugin
+    from fiftyone import ViewField as F
 
     config = config or DemoConfig()
     dir = os.path.abspath(os.path.expanduser(dir))
@@ -831,14 +807,22 @@ def run_demo(
     )
     timings["cams"] = time.perf_counter() - started
 
-    metrics = summarize(measure_attention(test))
-    _save_views(dataset)
+    log("Measuring where the model looked")
+    values = evaluate(test)
+    metrics = summarize(values)
+    dataset.save_view(
+        "followed-cue",
+        test.match(F("followed_cue")),
+        description="Predicted the class of the swapped cue (known by construction)",
+        overwrite=True,
+    )
 
     info = {
         "seed": seed,
         "config": config,
         "train_accuracy": accuracy,
         "metrics": metrics,
+        "class_summary": values["class_summary"],
         "cam_summary": cam_summary,
         "timings": timings,
     }
@@ -852,27 +836,6 @@ def run_demo(
         session.wait()
 
     return dataset, info
-
-
-def _save_views(dataset):
-    """Saves the views the demo is about, for the App."""
-    from fiftyone import ViewField as F
-
-    test = dataset.match_tags("test")
-    misclassified = test.match(F("cam_prediction.label") != F("ground_truth.label"))
-    dataset.save_view(
-        "off-object-errors",
-        misclassified.match(F(f"{HEATMAP_FIELD}_in_box") < OFF_OBJECT),
-        description=f"Misclassified, with less than {OFF_OBJECT:.0%} of the "
-        "Grad-CAM mass on the object",
-        overwrite=True,
-    )
-    dataset.save_view(
-        "followed-cue",
-        test.match(F("followed_cue")),
-        description="Predicted the class of the swapped cue",
-        overwrite=True,
-    )
 
 
 def main(argv=None):

@@ -91,15 +91,6 @@ def test_generate_images_splits_and_cue_rates(tmp_path):
     assert [r["label"] for r in other] != [r["label"] for r in records]
 
 
-def test_box_mass_share():
-    levels = np.zeros((4, 8))
-    levels[0:2, 0:4] = 1.0  # the top-left quarter
-    assert demo.box_mass_share(levels, [0, 0, 0.5, 0.5]) == pytest.approx(1.0)
-    assert demo.box_mass_share(levels, [0.5, 0.5, 0.5, 0.5]) == pytest.approx(0.0)
-    assert demo.box_mass_share(levels, [0, 0, 0.25, 0.5]) == pytest.approx(0.5)
-    assert np.isnan(demo.box_mass_share(np.zeros((4, 8)), [0, 0, 1, 1]))
-
-
 def test_summarize_counts_cue_followers():
     values = {
         "label": ["circle", "circle", "square", "square", "triangle"],
@@ -108,6 +99,7 @@ def test_summarize_counts_cue_followers():
         "swapped": [False, True, False, True, True],
         "faint": [False, True, False, True, False],
         "in_box": [0.6, 0.1, 0.2, 0.05, 0.7],
+        "flagged": [False, True, True, True, False],
     }
     m = demo.summarize(values)
     assert m["n_followed"] == 2  # samples 1 and 3
@@ -117,7 +109,7 @@ def test_summarize_counts_cue_followers():
     assert m["acc_unswapped"] == pytest.approx(0.5)
     assert m["in_box_followed"] == pytest.approx(0.075)
     assert m["in_box_correct"] == pytest.approx(0.6)
-    # flagged: misclassified with in-box < 0.3 = samples 1, 2, 3
+    # flagged by the view: samples 1, 2, 3, of which 1 and 3 followed the cue
     assert m["n_flagged"] == 3
     assert m["flag_precision"] == pytest.approx(2 / 3)
     assert m["flag_recall"] == pytest.approx(1.0)
@@ -150,7 +142,8 @@ def test_small_demo_dataset(small_demo):
         assert levels.shape == (96, 128)
         assert levels[:, :16].max() == 0 and levels[:, 112:].max() == 0
         assert levels[:, 16:112].max() == 65535
-    assert len(test.exists("cam_in_box")) == SMALL.n_test
+    assert len(test.exists("cam_object_energy")) == SMALL.n_test
+    assert "cam_misclassified_background" in dataset.list_saved_views()
 
     assert (root / "model.pt").is_file()
     assert "precision" in info["summary"]
@@ -183,7 +176,7 @@ def test_small_demo_attention_is_off_the_object_for_cue_followers(small_demo):
     assert m["in_box_correct_clear"] > 1.5 * m["in_box_followed"], m
     assert m["in_box_correct_clear"] > m["in_box_followed"] + 0.1, m
 
-    # "misclassified and attention off the object" finds the cue-followers
+    # the plugin's misclassified_background view finds the cue-followers
     assert m["flag_precision"] >= 0.8, m
     assert m["flag_recall"] >= 0.8, m
 
