@@ -127,6 +127,8 @@ class AttentionViews(foo.Operator):
             label="Find where the model looked at the wrong place",
             description="Saved views: misclassified with attention on the background, ...",
             dynamic=True,
+            allow_immediate_execution=True,
+            allow_delegated_execution=True,
         )
 
     def __call__(self, sample_collection, heatmap_field="cam", **kwargs):
@@ -168,6 +170,8 @@ class ClassSummary(foo.Operator):
             label="Which classes look at the background",
             description="Classes ranked by how often their attention falls off the object",
             dynamic=True,
+            allow_immediate_execution=True,
+            allow_delegated_execution=True,
         )
 
     def __call__(self, sample_collection, heatmap_field="cam", **kwargs):
@@ -198,6 +202,126 @@ class ClassSummary(foo.Operator):
             table.add_column(key, label=label)
         outputs.list("rows", types.Object(), label="Classes", view=table)
         return types.Property(outputs, view=types.View(label="Per-class attention summary"))
+
+
+class AttentionByClassPanel(foo.Panel):
+    """The per-class summary as a bar chart; a bar opens that class's
+    samples whose attention is off the object."""
+
+    @property
+    def config(self):
+        return foo.PanelConfig(
+            name="attention_by_class",
+            label="Attention by class",
+            surfaces="grid",
+            help_markdown="Classes ranked by the share of their samples whose "
+            "class activation map falls off the labelled object. Click a bar to "
+            "see those samples.",
+        )
+
+    def on_load(self, ctx):
+        self._refresh(ctx)
+
+    def on_change_dataset(self, ctx):
+        self._refresh(ctx)
+
+    def _refresh(self, ctx, field=None):
+        fields = forms.summary_panel_fields(ctx.dataset)
+        field = field or ctx.panel.state.heatmap_field
+        if field not in fields:
+            field = fields[0] if fields else None
+        ctx.panel.state.heatmap_field = field
+        ctx.panel.state.fields = fields
+        rows = cam_plugin.views.class_summary(ctx.dataset, field) if field else []
+        ctx.panel.data.summary = forms.summary_plot(rows)["data"]
+
+    def on_field_change(self, ctx):
+        self._refresh(ctx, ctx.params.get("value"))
+
+    def on_click(self, ctx):
+        field = ctx.panel.state.heatmap_field
+        class_name = ctx.params.get("x") or ctx.params.get("id")
+        if field and class_name:
+            view = cam_plugin.views.class_view(ctx.dataset, field, None, None, class_name)
+            ctx.ops.set_view(view=view)
+
+    def render(self, ctx):
+        panel = types.Object()
+        fields = ctx.panel.state.fields or []
+        if not fields:
+            panel.md(
+                "No heatmap field has attention metrics yet. Run **Compute class "
+                "activation maps** with a ground-truth field, then **Compute "
+                "attention metrics** with the objects' boxes, polygons or masks.",
+                name="empty",
+            )
+            return types.Property(panel)
+
+        choices = types.DropdownView()
+        for name in fields:
+            choices.add_choice(name, label=name)
+        panel.enum(
+            "heatmap_field",
+            choices.values(),
+            default=ctx.panel.state.heatmap_field,
+            label="Heatmap field",
+            view=choices,
+            on_change=self.on_field_change,
+        )
+        layout = forms.summary_plot([])["layout"]
+        panel.plot("summary", layout=layout, on_click=self.on_click, config={"displayModeBar": False})
+        return types.Property(panel, view=types.GridView(orientation="vertical"))
+
+
+class ListRuns(foo.Operator):
+    @property
+    def config(self):
+        return foo.OperatorConfig(
+            name="list_cam_runs",
+            label="Manage CAM runs: list",
+            description="The plugin's runs on this dataset with their configuration",
+            allow_immediate_execution=True,
+            allow_delegated_execution=True,
+        )
+
+    def execute(self, ctx):
+        return {"runs": forms.run_rows(ctx.dataset)}
+
+    def resolve_output(self, ctx):
+        outputs = types.Object()
+        table = types.TableView()
+        for key, label in forms.RUN_COLUMNS:
+            table.add_column(key, label=label)
+        outputs.list("runs", types.Object(), label="Runs", view=table)
+        return types.Property(outputs, view=types.View(label="CAM runs"))
+
+
+class DeleteRun(foo.Operator):
+    @property
+    def config(self):
+        return foo.OperatorConfig(
+            name="delete_cam_run",
+            label="Manage CAM runs: delete",
+            description="Deletes a run with its fields and heatmap files",
+            dynamic=True,
+            allow_immediate_execution=True,
+            allow_delegated_execution=True,
+        )
+
+    def __call__(self, sample_collection, run_key):
+        params = dict(run_key=run_key)
+        return foo.execute_operator(self.uri, dict(dataset=sample_collection._dataset), params=params)
+
+    def resolve_input(self, ctx):
+        inputs = types.Object()
+        forms.delete_run_inputs(ctx, inputs)
+        return types.Property(inputs, view=types.View(label="Delete a CAM run"))
+
+    def execute(self, ctx):
+        key = ctx.params["run_key"]
+        cam_plugin.delete_run(ctx.dataset, key)
+        ctx.ops.reload_dataset()
+        return {"deleted": key}
 
 
 def _run_reporting(ctx, run):
@@ -251,3 +375,6 @@ def register(p):
     p.register(ComputeAttention)
     p.register(AttentionViews)
     p.register(ClassSummary)
+    p.register(AttentionByClassPanel)
+    p.register(ListRuns)
+    p.register(DeleteRun)

@@ -487,3 +487,83 @@ def summary_plot(rows):
             "margin": {"t": 20},
         },
     }
+
+
+RUN_COLUMNS = [
+    ("key", "Run key"),
+    ("kind", "Kind"),
+    ("status", "Status"),
+    ("what", "What"),
+    ("fields", "Fields"),
+    ("processed", "Processed"),
+    ("failed", "Failed"),
+    ("timestamp", "Started"),
+]
+
+
+def run_rows(samples):
+    """One row per run of this plugin, for the App's run manager."""
+    rows = []
+    for key in runs.list_runs(samples):
+        config = runs.get_run(samples, key)
+        counts = config.get("counts") or {}
+        if config.get("method") == runs.CAM_RUN:
+            kind = "cams"
+            what = f"{config.get('cam_method')} at {config.get('layer')} of {config.get('model')}"
+        else:
+            kind = "attention"
+            what = f"{config.get('heatmap_field')} vs {config.get('region_field') or 'no regions'}"
+        rows.append(
+            {
+                "key": key,
+                "kind": kind,
+                "status": config.get("status"),
+                "what": what,
+                "fields": ", ".join(config.get("fields") or []),
+                "processed": counts.get("processed", counts.get("samples")),
+                "failed": counts.get("failed", counts.get("errors")),
+                "timestamp": (config.get("timestamp") or "")[:19].replace("T", " "),
+            }
+        )
+    return rows
+
+
+def run_key_input(ctx, inputs):
+    """A dropdown of this plugin's runs; returns the chosen key or None."""
+    keys = runs.list_runs(ctx.dataset)
+    if not keys:
+        prop = inputs.view("no_runs", types.Warning(label="This dataset has no CAM runs"))
+        prop.invalid = True
+        return None
+
+    choices = types.DropdownView()
+    for row in run_rows(ctx.dataset):
+        choices.add_choice(row["key"], label=row["key"], description=f"{row['kind']}: {row['what']}")
+    inputs.enum("run_key", choices.values(), required=True, label="Run", view=choices)
+    return ctx.params.get("run_key")
+
+
+def delete_run_inputs(ctx, inputs):
+    key = run_key_input(ctx, inputs)
+    if key is None:
+        return False
+
+    config = runs.get_run(ctx.dataset, key)
+    dependents = [
+        k for k in runs.list_runs(ctx.dataset) if key in (runs.get_run(ctx.dataset, k).get("depends_on") or [])
+    ]
+    text = f"Deletes fields {', '.join(config.get('fields') or [])}"
+    if config.get("files_dir"):
+        text += f" and the heatmap files in {config['files_dir']}"
+    if dependents:
+        text += f", and the runs computed from it: {', '.join(dependents)}"
+    inputs.view("warning", types.Warning(label=f"You are about to delete run '{key}'", description=text))
+    return True
+
+
+def summary_panel_fields(samples):
+    """Heatmap fields with attention metrics: what the summary panel offers."""
+    from .attention import metric_field
+
+    schema = samples.get_field_schema()
+    return [n for n in _fields_of(samples, fo.Heatmap) if metric_field(n, "object_energy") in schema]
