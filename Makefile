@@ -8,7 +8,7 @@ RUNTIME_STAMP := $(VENV)/.runtime-installed
 TEST_STAMP := $(VENV)/.test-installed
 DEMO_DIR ?= $(CURDIR)/.demo
 
-.PHONY: setup setup-test demo app test e2e bench clean
+.PHONY: setup setup-test demo app test e2e screenshots bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,10 @@ test: setup-test
 
 e2e: setup-test
 	$(PY) -m pytest tests/e2e $(ARGS)
+
+# the App screenshots shown in the README
+screenshots: setup-test
+	CAM_PLUGIN_SCREENSHOTS=$(CURDIR)/docs $(PY) -m pytest tests/e2e $(ARGS)
 
 bench: setup-test
 	$(PY) bench/throughput.py $(ARGS)

@@ -71,7 +71,8 @@ def compute_cams(
     -   ``heatmap_field``: an ``fo.Heatmap`` for the predicted class, whose
         ``map_path`` is a 16-bit PNG in the full image frame holding the
         non-negative CAM values proportional to their raw values (the raw
-        maximum is the label's ``raw_max``; ``range`` is ``[0, 65535]``)
+        maximum is the label's ``raw_max``; ``range`` is ``[6554, 65535]``:
+        full scale, and the App leaves the weakest 10% transparent)
     -   ``<heatmap_field>_gt``: the same for the ground-truth class, when
         ``label_field`` is given
     -   ``<heatmap_field>_error``: why a sample failed, for samples that did

@@ -4,8 +4,12 @@ atomically in a thread pool, and reading them back.
 Each PNG holds ``round(value / raw_max * 65535)``: proportional to the raw
 CAM values (zero stays zero, no per-image minimum is subtracted), with the
 image's raw maximum stored on the ``fo.Heatmap`` as ``raw_max`` so raw values
-can be recovered. The label's ``range`` is ``[0, 65535]``, the units the App
-reads the PNG in.
+can be recovered: ``raw = level / 65535 * raw_max``.
+
+The label's ``range`` tells the App how to draw the PNG: its upper end is the
+full scale, 65535; its lower end, 10% of that, is a display threshold. The
+App draws values below the range's start as transparent, so the weakest
+attention does not wash the whole image in the colorscale's darkest colour.
 """
 
 import glob
@@ -18,7 +22,8 @@ import torch
 from PIL import Image
 
 PNG_MAX = 65535
-HEATMAP_RANGE = [0, PNG_MAX]
+DISPLAY_THRESHOLD = 0.1
+HEATMAP_RANGE = [round(DISPLAY_THRESHOLD * PNG_MAX), PNG_MAX]
 TMP_MARK = ".tmp-"
 
 
@@ -68,8 +73,7 @@ def read_heatmap(heatmap):
 
     raw_max = heatmap.get_field("raw_max") if heatmap.has_field("raw_max") else None
     if raw_max is not None:
-        rng = heatmap.range or HEATMAP_RANGE
-        values = values * (float(raw_max) / float(rng[1]))
+        values = values * (float(raw_max) / PNG_MAX)
 
     return values
 

@@ -16,7 +16,7 @@ import torch
 import fiftyone as fo
 import fiftyone.core.utils as fou
 
-from . import colors, runs
+from . import appearance, runs
 from .batches import SampleImages, collate_groups, compute_batch
 from .cams import CamError, CamExtractor
 from .heatmaps import HEATMAP_RANGE, PngWriter, remove_temporary_files
@@ -328,7 +328,7 @@ class CamRun:
                     # keep what is done, even when interrupted
                     self._flush()
             status = "completed"
-            colors.apply_color_scheme(self.dataset, {t.name: t.field for t in self.targets})
+            appearance.apply(self.dataset, {t.name: t.field for t in self.targets})
         finally:
             summary.processed = self._done
             summary.failed = self._failed
