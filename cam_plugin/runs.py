@@ -9,7 +9,7 @@ other's records.
 """
 
 import os
-import shutil
+import re
 
 import fiftyone as fo
 
@@ -240,10 +240,31 @@ def delete_run(samples, key, cleanup_files=True):
 
     files_dir = config.get("files_dir")
     if cleanup_files and files_dir and os.path.isdir(files_dir):
-        shutil.rmtree(files_dir)
+        remove_run_files(files_dir)
 
     dataset.delete_run(key)
     dataset.reload()
+
+
+# the names the pipeline gives heatmap files: <sample id>.png, and the
+# temporary names they are written under
+_RUN_FILE = re.compile(r"^[0-9a-f]{24}\.png(\.tmp-.*)?$")
+
+
+def remove_run_files(files_dir):
+    """Removes the heatmap files a run wrote (``<files_dir>/<target>/<sample
+    id>.png``) and the directories left empty; anything else a user put
+    there stays."""
+    for target_dir in [os.path.join(files_dir, d) for d in os.listdir(files_dir)]:
+        if not os.path.isdir(target_dir):
+            continue
+        for name in os.listdir(target_dir):
+            if _RUN_FILE.match(name):
+                os.remove(os.path.join(target_dir, name))
+        if not os.listdir(target_dir):
+            os.rmdir(target_dir)
+    if not os.listdir(files_dir):
+        os.rmdir(files_dir)
 
 
 def ensure_fields(dataset, fields):

@@ -204,8 +204,10 @@ def test_delete_run_removes_exactly_its_fields_and_files(dataset_name, cifar_dir
     dataset = cifar_dataset(dataset_name, cifar_dir, per_class=2)
     out = tmp_path / "heatmaps"
     keep = out / "user_file.txt"
-    out.mkdir()
+    mine_in_run_dir = out / "cam" / "notes.txt"
+    mine_in_run_dir.parent.mkdir(parents=True)
     keep.write_text("mine")
+    mine_in_run_dir.write_text("also mine")
     dataset.add_sample_field("notes", fo.StringField)
     dataset.set_values("notes", ["n"] * len(dataset))
 
@@ -224,7 +226,8 @@ def test_delete_run_removes_exactly_its_fields_and_files(dataset_name, cifar_dir
     after = set(dataset.get_field_schema())
     assert before - after == {"cam", "cam_gt", "cam_prediction", "cam_error"}
     assert not any(p.exists() for p in cam_files)
-    assert not (out / "cam").exists()
+    # only what the run wrote is gone
+    assert [p.name for p in (out / "cam").rglob("*")] == ["notes.txt"]
     assert all(p.exists() for p in other_files)
     assert keep.read_text() == "mine"
     assert dataset.values("notes") == ["n"] * len(dataset)
@@ -284,3 +287,43 @@ def test_kill_and_resume(dataset_name, cifar_dir, resnet20, tmp_path):
     for sid, path in done_before.items():
         assert os.path.getmtime(path) == mtimes[sid] < killed_at  # not recomputed
     assert dataset.exists("cam").count() == len(dataset)
+
+
+_CONCURRENT_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import fiftyone as fo
+    import cam_plugin
+
+    dataset = fo.load_dataset(sys.argv[1])
+    key, method = sys.argv[3], sys.argv[4]
+    summary = cam_plugin.compute_cams(
+        dataset, sys.argv[2], heatmap_field=key, pred_field=f"{key}_pred",
+        method=method, batch_size=4, num_workers=0,
+    )
+    assert summary.processed == len(dataset), summary
+    """
+)
+
+
+def test_two_runs_at_once_do_not_interfere(dataset_name, cifar_dir, resnet20, tmp_path):
+    dataset = cifar_dataset(dataset_name, cifar_dir, per_class=6)
+    script = tmp_path / "run.py"
+    script.write_text(_CONCURRENT_SCRIPT)
+    procs = [
+        subprocess.Popen([sys.executable, str(script), dataset_name, resnet20, key, method])
+        for key, method in (("cam_a", "gradcam"), ("cam_b", "hirescam"))
+    ]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+
+    dataset.reload()
+    schema = dataset.get_field_schema()
+    for key, method in (("cam_a", "gradcam"), ("cam_b", "hirescam")):
+        assert {key, f"{key}_pred", f"{key}_error"} <= set(schema)
+        assert dataset.count(f"{key}.map_path") == len(dataset)
+        assert dataset.count(f"{key}_pred") == len(dataset)
+        run = cam_plugin.get_run(dataset, key)
+        assert (run["status"], run["cam_method"]) == ("completed", method)
+    # each sample's two maps are distinct files of their own run
+    for a, b in zip(dataset.values("cam_a.map_path"), dataset.values("cam_b.map_path")):
+        assert a != b and os.path.isfile(a) and os.path.isfile(b)
