@@ -109,6 +109,12 @@ def model_inputs(ctx, inputs):
             description="Leave empty for TorchScript or a pickled model",
             view=archs,
         )
+        inputs.str(
+            "classes",
+            label="Class names",
+            description="Comma-separated, in the order of the model's outputs; "
+            "needed to name predictions and to match ground-truth labels",
+        )
     else:
         names = types.AutocompleteView()
         for name in torchvision_classifier_names():
@@ -305,7 +311,11 @@ def compute_cams_kwargs(params):
     form."""
     targets = {"pred": ["pred"], "gt": ["gt"], "both": ["pred", "gt"]}
     target = params.get("targets", "pred")
+    classes = params.get("classes") or []
+    if isinstance(classes, str):
+        classes = [c.strip() for c in classes.split(",") if c.strip()]
     return dict(
+        classes=classes or None,
         model=model_spec(params),
         method=params.get("method", "gradcam"),
         target_layer=params.get("target_layer"),

@@ -195,26 +195,30 @@ class CamRun:
             targets, heatmap_field, self.classifier.classes, label_field is not None
         )
 
-        module = self.classifier.module
-        self._restore_device = _module_device(module)
-        module.to(self.device)
-        self.input_shape = input_shape_of(self.classifier.transforms)
-        self.extractor = CamExtractor(
-            module,
-            method,
-            self.input_shape,
-            layer=target_layer,
-            chunk_size=chunk_size or (256 if self.device.type == "cuda" else 64),
-            autocast=mixed_precision,
-        )
-
         self.fields = {pred_field: (fo.EmbeddedDocumentField, fo.Classification)}
         for t in self.targets:
             self.fields[t.field] = (fo.EmbeddedDocumentField, fo.Heatmap)
         self.fields[self.error_field] = (fo.StringField, None)
         runs.check_new_fields(samples, self.key, self.fields, overwrite=overwrite)
-
         self.files_dir = heatmap_dir(self.dataset, self.key, output_dir)
+
+        # the model moves to the device for the run and back afterwards
+        module = self.classifier.module
+        self._restore_device = _module_device(module)
+        module.to(self.device)
+        try:
+            self.input_shape = input_shape_of(self.classifier.transforms)
+            self.extractor = CamExtractor(
+                module,
+                method,
+                self.input_shape,
+                layer=target_layer,
+                chunk_size=chunk_size or (256 if self.device.type == "cuda" else 64),
+                autocast=mixed_precision,
+            )
+        except BaseException:
+            module.to(self._restore_device)
+            raise
 
     def _check_label_field(self):
         if self.label_field is None:
