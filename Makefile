@@ -45,7 +45,9 @@ screenshots: setup-test
 	CAM_PLUGIN_SCREENSHOTS=$(CURDIR)/docs $(PY) -m pytest tests/e2e $(ARGS)
 
 bench: setup-test
-	$(PY) bench/throughput.py $(ARGS)
+	$(PY) bench/throughput.py --memory 10000 $(ARGS)
+	$(PY) bench/scorecam.py
+	$(PY) bench/attention_metrics.py --threads 1
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache

@@ -2,7 +2,7 @@
 against box regions (1-3 random boxes each, rasterised in the timed loop),
 compared with a plain per-sample numpy loop measured in the same run.
 
-Usage: PYTHONPATH=. python bench/attention_metrics.py [--n 10000] [--threads 1]
+Usage: python bench/attention_metrics.py [--n 10000] [--threads 1]
 
 On a machine shared with other busy processes, OpenMP's spin-waiting makes
 torch's multi-threaded kernels many times slower: run with --threads 1 or
@@ -12,13 +12,17 @@ OMP_WAIT_POLICY=PASSIVE there.
 import argparse
 import math
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from cam_plugin.metrics import attention_metrics
-from cam_plugin.regions import box_masks
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cam_plugin.metrics import attention_metrics  # noqa: E402
+from cam_plugin.regions import box_masks  # noqa: E402
 
 KEYS = ("object_energy", "object_area", "pointing_hit", "border_energy")
 

@@ -57,6 +57,7 @@ def compute_cams(
     num_workers=None,
     device=None,
     mixed_precision=False,
+    chunk_size=None,
     heatmap_size=256,
     output_dir=None,
     run_key=None,
@@ -108,6 +109,9 @@ def compute_cams(
         num_workers (None): image-decoding worker processes
         device (None): ``"cuda"``, ``"cpu"``...; CUDA when available
         mixed_precision (False): run the forward pass in CUDA autocast
+        chunk_size (None): images per extra forward pass of Score-CAM and
+            Ablation-CAM (64 on CPU, 256 on CUDA); lower it if they run out
+            of memory
         heatmap_size (256): the longest side of the heatmap files; the full
             image frame is kept, only the resolution is capped
         output_dir (None): where heatmap files go (in ``<output_dir>/<run
@@ -138,6 +142,7 @@ def compute_cams(
         num_workers=num_workers,
         device=device,
         mixed_precision=mixed_precision,
+        chunk_size=chunk_size,
         heatmap_size=heatmap_size,
         output_dir=output_dir,
         run_key=run_key,

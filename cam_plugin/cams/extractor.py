@@ -6,6 +6,7 @@ passes and layer replacements that the individual methods build on.
 import torch
 
 from .capture import CamError, LayerCapture, eval_mode, infer_layout, logits_of
+from .inference import InferenceModels, inference_copy, parallel_streams
 from .layers import check_layer, default_layer, probe_layers
 
 
@@ -23,8 +24,11 @@ class CamContext:
             the extra forward passes of perturbation methods
     """
 
-    def __init__(self, model, inputs, logits, leaf, layer, layout, chunk_size):
+    def __init__(
+        self, model, inputs, logits, leaf, layer, layout, chunk_size, inference_models=None
+    ):
         self.model = model
+        self._inference_models = inference_models
         self.inputs = inputs
         self.logits = logits
         self.layer = layer
@@ -74,21 +78,40 @@ class CamContext:
             total = inputs.shape[0]
             make = lambda a, b: inputs[a:b]
 
+        if replace_layer_output is not None:
+            return self._forward_replaced(make, total, replace_layer_output)
+
+        model, memory_format = self._inference_model()
+
+        def run(start):
+            stop = min(start + self.chunk_size, total)
+            chunk = make(start, stop).contiguous(memory_format=memory_format)
+            with torch.no_grad():  # grad mode is per thread
+                return logits_of(model(chunk)).float()
+
+        starts = range(0, total, self.chunk_size)
+        with parallel_streams(self.inputs.device, len(starts)) as pool:
+            results = list(pool.map(run, starts)) if pool else [run(s) for s in starts]
+
+        return torch.cat(results, dim=0)
+
+    def _forward_replaced(self, make, total, replace_layer_output):
         results = []
         with torch.no_grad():
             for start in range(0, total, self.chunk_size):
                 stop = min(start + self.chunk_size, total)
-                chunk = make(start, stop)
-                if replace_layer_output is None:
-                    out = self.model(chunk)
-                else:
-                    replace = lambda out, a=start, b=stop: replace_layer_output(a, b, out)
-                    with LayerCapture(self.model, self.layer, replace=replace):
-                        out = self.model(chunk)
+                replace = lambda out, a=start, b=stop: replace_layer_output(a, b, out)
+                with LayerCapture(self.model, self.layer, replace=replace):
+                    out = self.model(make(start, stop))
 
                 results.append(logits_of(out).float())
 
         return torch.cat(results, dim=0)
+
+    def _inference_model(self):
+        if self._inference_models is None:
+            return inference_copy(self.model, self.inputs.device)
+        return self._inference_models.get(self.inputs.device)
 
     def to_raw_layout(self, nchw, like):
         """Converts a (N, C, h, w) tensor back into the layer's raw layout,
@@ -198,6 +221,7 @@ class CamExtractor:
         self.candidates = probe_layers(model, input_shape)
         self.layer = default_layer(self.candidates) if layer is None else layer
         self.layer_info = check_layer(self.candidates, self.layer)
+        self.inference_models = InferenceModels(model)
 
     @property
     def layout(self):
@@ -250,6 +274,7 @@ class CamExtractor:
                 self.layer,
                 layout,
                 self.chunk_size,
+                self.inference_models,
             )
             maps = spec.fn(ctx, safe_classes)
             maps = torch.nan_to_num(maps.float(), nan=0.0).clamp_min_(0)

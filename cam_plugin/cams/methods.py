@@ -108,18 +108,6 @@ def eigencam(ctx, classes):
     return maps.expand(b, classes.shape[1], h, w)
 
 
-def _channel_masks(ctx):
-    """Score-CAM's masks: each channel upsampled to the input size and
-    min-max normalised; constant channels give an all-zero mask."""
-    acts = ctx.activations
-    size = ctx.inputs.shape[-2:]
-    up = F.interpolate(acts, size=size, mode="bilinear", align_corners=True)
-    flat = up.flatten(2)
-    mins = flat.amin(dim=2)
-    maxs = flat.amax(dim=2)
-    return up, mins, maxs
-
-
 def scorecam(ctx, classes):
     """Score-CAM (Wang et al., 2020): each channel, upsampled and normalised,
     masks the input; the softmax over channels of the masked inputs' class
@@ -127,13 +115,17 @@ def scorecam(ctx, classes):
 
     Masked passes run batched across images and channels. A constant
     channel masks the input to all zeros, so every such channel shares one
-    score (that of a black image), computed once; the masks are built
-    chunk by chunk, never all at once.
+    score (that of a black image), computed once. Each chunk's masks are
+    upsampled when that chunk runs, so memory stays at one chunk of masks
+    however many channels the layer has.
     """
     acts = ctx.activations
     b, c = acts.shape[:2]
-    up, mins, maxs = _channel_masks(ctx)
-    varying = maxs > mins
+    size = ctx.inputs.shape[-2:]
+    flat = acts.flatten(2)
+    # bilinear upsampling of a constant grid is constant and of a varying
+    # grid varies, so the low-resolution grid decides which masks are zero
+    varying = flat.amax(dim=2) > flat.amin(dim=2)
     pairs = varying.nonzero()  # (N, 2) rows of (image, channel)
 
     t = classes.shape[1]
@@ -147,9 +139,11 @@ def scorecam(ctx, classes):
 
         def masked(start, stop):
             img, ch = pairs[start:stop, 0], pairs[start:stop, 1]
-            mask = up[img, ch] - mins[img, ch][:, None, None]
-            mask = mask / (maxs[img, ch] - mins[img, ch] + 1e-8)[:, None, None]
-            return (inputs[img] * mask[:, None]).to(ctx.inputs.dtype)
+            up = F.interpolate(acts[img, ch][:, None], size=size, mode="bilinear", align_corners=True)
+            lo = up.amin(dim=(2, 3), keepdim=True)
+            hi = up.amax(dim=(2, 3), keepdim=True)
+            mask = (up - lo) / (hi - lo + 1e-8)
+            return (inputs[img] * mask).to(ctx.inputs.dtype)
 
         masked.total = len(pairs)
         logits = ctx.forward_logits(masked)

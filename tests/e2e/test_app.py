@@ -1,6 +1,6 @@
 """The FiftyOne App on a dataset processed by the plugin, in a real headless
 Chromium: the grid renders the heatmaps over the images, and the plugin's
-operators are in the operator browser.
+operators are in the operator browser, where the per-class summary runs.
 
 Needs Debian's ``chromium`` (``.ci/run`` installs it). Screenshots go to
 ``$CAM_PLUGIN_SCREENSHOTS`` (default: the test's temporary directory);
@@ -160,3 +160,22 @@ def test_attention_views_are_saved_views_in_the_app(app, demo_dataset, shots):
     session.view = view
     page.get_by_text(f"{len(view)} samples").wait_for(timeout=30_000)
     _grid(page, shots / "app-misclassified-background.png")
+
+
+def test_class_summary_runs_from_the_operator_browser(app, shots):
+    """The per-class summary, executed in the App: its table lists every
+    class of the demo with its share of samples looking off the object."""
+    _, page = app
+    page.keyboard.press("`")
+    search = page.get_by_placeholder("Search operations by name...")
+    search.wait_for(timeout=15_000)
+    search.fill("background")
+    page.get_by_text("Which classes look at the background").click()
+
+    page.get_by_role("button", name="Execute").click(timeout=30_000)
+    page.get_by_text("Share off", exact=True).first.wait_for(timeout=60_000)
+    for name in demo.CLASSES:
+        page.get_by_role("cell", name=name, exact=True).first.wait_for(timeout=15_000)
+    time.sleep(2)  # let the bar chart draw
+    page.screenshot(path=str(shots / "app-class-summary.png"))
+    page.keyboard.press("Escape")
