@@ -190,13 +190,20 @@ class ClassSummary(foo.Operator):
             ctx.params.get("heatmap_field", "cam"),
             thresholds=forms.thresholds_from(ctx.params),
         )
-        return {"rows": rows, "plot": forms.summary_plot(rows)}
+        # a plot output's value is its list of traces
+        return {
+            "rows": forms.summary_rows_for_display(rows),
+            "plot": forms.summary_plot(rows)["data"],
+        }
 
     def resolve_output(self, ctx):
         outputs = types.Object()
-        rows = ctx.results.get("rows") or []
-        plot = ctx.results.get("plot") or {}
-        outputs.plot("plot", label="Share of samples looking off the object", data=plot.get("data"), layout=plot.get("layout"))
+        outputs.plot(
+            "plot",
+            label="Share of samples looking off the object",
+            layout=forms.summary_plot([])["layout"],
+            config={"displayModeBar": False},
+        )
         table = types.TableView()
         for key, label in forms.SUMMARY_COLUMNS:
             table.add_column(key, label=label)
@@ -269,8 +276,18 @@ class AttentionByClassPanel(foo.Panel):
             on_change=self.on_field_change,
         )
         layout = forms.summary_plot([])["layout"]
-        panel.plot("summary", layout=layout, on_click=self.on_click, config={"displayModeBar": False})
-        return types.Property(panel, view=types.GridView(orientation="vertical"))
+        panel.plot(
+            "summary",
+            layout=layout,
+            on_click=self.on_click,
+            config={"displayModeBar": False, "responsive": True},
+        )
+        # the App lays a vertical GridView out as a CSS grid whose column is
+        # as wide as its content unless stretched; a plot has no content
+        # width of its own
+        return types.Property(
+            panel, view=types.GridView(orientation="vertical", align_x="stretch", gap=2)
+        )
 
 
 class ListRuns(foo.Operator):

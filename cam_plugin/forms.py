@@ -478,8 +478,17 @@ SUMMARY_COLUMNS = [
 ]
 
 
+def summary_rows_for_display(rows):
+    """The per-class summary rows with their fractions rounded for a table."""
+    return [
+        {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}
+        for row in rows
+    ]
+
+
 def summary_plot(rows):
-    """A Plotly bar chart (data and layout) of the per-class summary."""
+    """A Plotly bar chart (data: the traces, and layout) of the per-class
+    summary."""
     return {
         "data": [
             {
@@ -492,9 +501,14 @@ def summary_plot(rows):
             }
         ],
         "layout": {
-            "yaxis": {"title": "share of samples looking off the object", "tickformat": ".0%"},
-            "xaxis": {"title": "ground-truth class"},
-            "margin": {"t": 20},
+            "yaxis": {
+                "title": {"text": "share looking off the object"},
+                "tickformat": ".0%",
+                "range": [0, 1],
+            },
+            "xaxis": {"title": {"text": "ground-truth class"}, "type": "category"},
+            "height": 320,
+            "margin": {"t": 20, "l": 70, "b": 60, "r": 20},
         },
     }
 

@@ -90,7 +90,10 @@ def test_every_operator_immediately(labelled, resnet20_path):
 
     summary = _execute("class_attention_summary", dataset, heatmap_field="cam").result
     assert {r["class"] for r in summary["rows"]} == set(dataset.distinct("ground_truth.label"))
-    assert summary["plot"]["data"][0]["x"] == [r["class"] for r in summary["rows"]]
+    # the plot output's value is its list of traces, as the App's PlotlyView reads it
+    assert summary["plot"][0]["x"] == [r["class"] for r in summary["rows"]]
+    library_rows = cam_plugin.views.class_summary(dataset, "cam")
+    assert [r["samples"] for r in summary["rows"]] == [r["samples"] for r in library_rows]
 
     listed = _execute("list_cam_runs", dataset).result["runs"]
     assert {(r["key"], r["kind"], r["status"]) for r in listed} == {

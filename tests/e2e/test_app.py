@@ -1,6 +1,7 @@
 """The FiftyOne App on a dataset processed by the plugin, in a real headless
 Chromium: the grid renders the heatmaps over the images, and the plugin's
-operators are in the operator browser, where the per-class summary runs.
+operators are in the operator browser, where the per-class summary runs; the
+per-class panel draws its bars and opens a class's samples on a click.
 
 Needs Debian's ``chromium`` (``.ci/run`` installs it). Screenshots go to
 ``$CAM_PLUGIN_SCREENSHOTS`` (default: the test's temporary directory);
@@ -160,12 +161,14 @@ def test_attention_views_are_saved_views_in_the_app(app, demo_dataset, shots):
     session.view = view
     page.get_by_text(f"{len(view)} samples").wait_for(timeout=30_000)
     _grid(page, shots / "app-misclassified-background.png")
+    session.view = demo_dataset.match_tags("test")
 
 
 def test_class_summary_runs_from_the_operator_browser(app, shots):
     """The per-class summary, executed in the App: its table lists every
     class of the demo with its share of samples looking off the object."""
     _, page = app
+    page.mouse.click(700, 40)  # close any open menu
     page.keyboard.press("`")
     search = page.get_by_placeholder("Search operations by name...")
     search.wait_for(timeout=15_000)
@@ -176,6 +179,38 @@ def test_class_summary_runs_from_the_operator_browser(app, shots):
     page.get_by_text("Share off", exact=True).first.wait_for(timeout=60_000)
     for name in demo.CLASSES:
         page.get_by_role("cell", name=name, exact=True).first.wait_for(timeout=15_000)
-    time.sleep(2)  # let the bar chart draw
+    # the bar chart drew one bar per class, labelled with the class names
+    page.locator(".js-plotly-plot .bars .point").nth(len(demo.CLASSES) - 1).wait_for(timeout=15_000)
+    for name in demo.CLASSES:
+        page.locator(".js-plotly-plot .xtick text", has_text=name).first.wait_for(timeout=15_000)
+    time.sleep(1)
     page.screenshot(path=str(shots / "app-class-summary.png"))
     page.keyboard.press("Escape")
+
+
+def test_attention_by_class_panel_opens_a_class_on_click(app, demo_dataset, shots):
+    """The panel draws one bar per class; clicking a bar loads that class's
+    samples whose attention is off the object."""
+    from cam_plugin.views import class_view
+
+    session, page = app
+    page.mouse.click(700, 40)  # close any open menu
+    page.locator('[data-cy="new-panel-btn"]').first.click()
+    page.get_by_text("Attention by class", exact=True).first.click(timeout=15_000)
+
+    bars = page.locator(".js-plotly-plot .bars .point")
+    bars.nth(len(demo.CLASSES) - 1).wait_for(timeout=60_000)
+    time.sleep(1)
+    page.screenshot(path=str(shots / "app-attention-by-class-panel.png"))
+
+    ticks = [t.strip() for t in page.locator(".js-plotly-plot .xtick text").all_text_contents()]
+    first_class = ticks[0]
+    assert set(ticks) == set(demo.CLASSES)
+    expected = len(class_view(demo_dataset, "cam", None, None, first_class))
+    assert 0 < expected < len(demo_dataset.match_tags("test")), "the click must change the count"
+    # Plotly takes clicks on its drag layer above the bars: a real mouse
+    # click at the bar, as a user would
+    box = bars.first.bounding_box()
+    page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    page.get_by_text(f"{expected} samples").first.wait_for(timeout=30_000)
+    session.view = demo_dataset.match_tags("test")
