@@ -7,7 +7,7 @@ passes run. The plugin batches them across images and channels, skips the
 channels whose activation is constant (their mask is all zero, so they all
 share one score, that of a black image, computed once), runs them on a copy
 of the model with batch norms folded and in-place ReLUs (channels-last on
-CPU), and on CPU as single-threaded streams side by side. Each is timed
+CPU), and on CPU as streams side by side that share the threads. Each is timed
 ``--repeats`` times, interleaved; the medians are compared.
 
 Usage::

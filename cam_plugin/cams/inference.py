@@ -2,8 +2,9 @@
 thousand (Score-CAM runs one per channel and image) are made fast: a copy of
 the model with batch norms folded into their convolutions and, on CPU, the
 channels-last memory format that oneDNN's convolutions prefer; and on CPU,
-independent single-threaded streams of chunks instead of one multi-threaded
-stream, because small convolutions scale poorly across threads.
+a few streams of chunks side by side, the threads shared among them, instead
+of one stream on all threads, because small convolutions scale poorly
+across threads.
 
 All of it is exact up to float rounding. The user's model is never modified.
 """
@@ -124,23 +125,28 @@ def _is_fresh(node, modules):
     return node.op == "call_function" and node.target in (operator.add, torch.add)
 
 
+#: at most this many streams: each holds a chunk of inputs and activations
+MAX_STREAMS = 4
+
+
 @contextlib.contextmanager
 def parallel_streams(device, num_chunks):
-    """Yields a thread pool that runs chunks side by side, each with one
-    intra-op thread, or None where that does not apply (CUDA, a single
+    """Yields a thread pool that runs chunks side by side, the CPU's threads
+    shared among them, or None where that does not apply (CUDA, a single
     thread, a single chunk).
 
     torch's thread count is process-wide, so it is lowered for the duration
     and always restored.
     """
     threads = torch.get_num_threads()
-    if device.type != "cpu" or threads < 2 or num_chunks < 2:
+    streams = min(threads, num_chunks, MAX_STREAMS)
+    if device.type != "cpu" or streams < 2:
         yield None
         return
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads // streams)
     try:
-        with ThreadPoolExecutor(min(threads, num_chunks), thread_name_prefix="cam-stream") as pool:
+        with ThreadPoolExecutor(streams, thread_name_prefix="cam-stream") as pool:
             yield pool
     finally:
         torch.set_num_threads(threads)
