@@ -19,6 +19,7 @@ import fiftyone.core.utils as fou
 from . import appearance, runs
 from .batches import SampleImages, collate_groups, compute_batch
 from .cams import CamError, CamExtractor
+from .cams.capture import eval_mode, logits_of
 from .heatmaps import HEATMAP_RANGE, PngWriter, remove_temporary_files
 from .models import input_shape_of, load_classifier
 
@@ -216,9 +217,27 @@ class CamRun:
                 chunk_size=chunk_size or (256 if self.device.type == "cuda" else 64),
                 autocast=mixed_precision,
             )
+            self._check_class_count()
         except BaseException:
             module.to(self._restore_device)
             raise
+
+    def _check_class_count(self):
+        names = self.classifier.classes
+        if not names:
+            return
+
+        module = self.classifier.module
+        x = torch.zeros((1,) + tuple(self.input_shape), device=self.device)
+        with torch.no_grad(), eval_mode(module):
+            num_outputs = logits_of(module(x)).shape[1]
+        if num_outputs != len(names):
+            raise CamError(
+                f"The model has {num_outputs} outputs but {len(names)} class "
+                f"names were given ({', '.join(map(str, names[:5]))}"
+                f"{', ...' if len(names) > 5 else ''}); pass one name per "
+                "output, in output order"
+            )
 
     def _check_label_field(self):
         if self.label_field is None:

@@ -217,3 +217,27 @@ def test_torchvision_model_form_lists_weights_and_layers_without_downloading(lab
 
     errors = _errors(_form("compute_cams", labelled, model_source="torchvision", torchvision_model="resnet9000"))
     assert "not a torchvision classifier" in errors["torchvision_model"]
+
+
+def test_class_names_from_the_form_name_the_predictions(labelled, resnet20_path):
+    """A model file with the class names typed in the form: predictions carry
+    those names, in output order."""
+    names = [f"C{i}-{n}" for i, n in enumerate(cam_plugin.models.CIFAR10_CLASSES)]
+    _execute(
+        "compute_cams",
+        labelled,
+        model_source="file",
+        model_path=str(resnet20_path),
+        architecture="cifar10_resnet20",
+        classes=", ".join(names),
+        heatmap_field="named",
+        pred_field="named_prediction",
+        batch_size=8,
+        device="cpu",
+    )
+    labels = labelled.values("named_prediction.label")
+    assert all(label in names for label in labels)
+    # the same model under its own names predicts the same classes
+    _execute("compute_cams", labelled, model=f"cifar10_resnet20:{resnet20_path}", batch_size=8, device="cpu")
+    plain = labelled.values("cam_prediction.label")
+    assert [names.index(n) for n in labels] == [cam_plugin.models.CIFAR10_CLASSES.index(p) for p in plain]

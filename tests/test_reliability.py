@@ -162,6 +162,10 @@ def test_configuration_errors_before_any_work(dataset_name, cifar_dir, resnet20)
     with pytest.raises(cam_plugin.CamError, match="no layer with a spatial output"):
         cam_plugin.compute_cams(dataset, flat, transforms=T.Compose([T.Resize((32, 32)), T.ToTensor()]))
 
+    with pytest.raises(cam_plugin.CamError, match=r"has 10 outputs but 9 class names were given"):
+        cam_plugin.compute_cams(dataset, resnet20, classes=[f"c{i}" for i in range(9)])
+    assert not dataset.has_sample_field("cam_prediction")
+
     dataset.set_values("ground_truth.label", ["wolf"] + dataset.values("ground_truth.label")[1:])
     with pytest.raises(cam_plugin.CamError, match=r"not among the model's 10 classes: wolf"):
         cam_plugin.compute_cams(dataset, resnet20, label_field="ground_truth")
