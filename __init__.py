@@ -190,10 +190,9 @@ class ClassSummary(foo.Operator):
             ctx.params.get("heatmap_field", "cam"),
             thresholds=forms.thresholds_from(ctx.params),
         )
-        # a plot output's value is its list of traces
         return {
             "rows": forms.summary_rows_for_display(rows),
-            "plot": forms.summary_plot(rows)["data"],
+            "plot": forms.summary_traces(rows),
         }
 
     def resolve_output(self, ctx):
@@ -201,7 +200,7 @@ class ClassSummary(foo.Operator):
         outputs.plot(
             "plot",
             label="Share of samples looking off the object",
-            layout=forms.summary_plot([])["layout"],
+            layout=forms.SUMMARY_PLOT_LAYOUT,
             config={"displayModeBar": False},
         )
         table = types.TableView()
@@ -240,7 +239,7 @@ class AttentionByClassPanel(foo.Panel):
         ctx.panel.state.heatmap_field = field
         ctx.panel.state.fields = fields
         rows = cam_plugin.views.class_summary(ctx.dataset, field) if field else []
-        ctx.panel.data.summary = forms.summary_plot(rows)["data"]
+        ctx.panel.data.summary = forms.summary_traces(rows)
 
     def on_field_change(self, ctx):
         self._refresh(ctx, ctx.params.get("value"))
@@ -275,10 +274,9 @@ class AttentionByClassPanel(foo.Panel):
             view=choices,
             on_change=self.on_field_change,
         )
-        layout = forms.summary_plot([])["layout"]
         panel.plot(
             "summary",
-            layout=layout,
+            layout=forms.SUMMARY_PLOT_LAYOUT,
             on_click=self.on_click,
             config={"displayModeBar": False, "responsive": True},
         )

@@ -486,31 +486,32 @@ def summary_rows_for_display(rows):
     ]
 
 
-def summary_plot(rows):
-    """A Plotly bar chart (data: the traces, and layout) of the per-class
-    summary."""
-    return {
-        "data": [
-            {
-                "type": "bar",
-                "x": [r["class"] for r in rows],
-                "y": [r["off_object_share"] for r in rows],
-                "ids": [r["class"] for r in rows],
-                "customdata": [r["samples"] for r in rows],
-                "hovertemplate": "%{x}: %{y:.0%} of %{customdata} samples off the object<extra></extra>",
-            }
-        ],
-        "layout": {
-            "yaxis": {
-                "title": {"text": "share looking off the object"},
-                "tickformat": ".0%",
-                "range": [0, 1],
-            },
-            "xaxis": {"title": {"text": "ground-truth class"}, "type": "category"},
-            "height": 320,
-            "margin": {"t": 20, "l": 70, "b": 60, "r": 20},
-        },
-    }
+#: the layout of the per-class summary's bar chart (operator output and panel)
+SUMMARY_PLOT_LAYOUT = {
+    "yaxis": {
+        "title": {"text": "share looking off the object"},
+        "tickformat": ".0%",
+        "range": [0, 1],
+    },
+    "xaxis": {"title": {"text": "ground-truth class"}, "type": "category"},
+    "height": 320,
+    "margin": {"t": 20, "l": 70, "b": 60, "r": 20},
+}
+
+
+def summary_traces(rows):
+    """The Plotly traces (one bar per class) of the per-class summary: the
+    value the App's plot views read."""
+    return [
+        {
+            "type": "bar",
+            "x": [r["class"] for r in rows],
+            "y": [r["off_object_share"] for r in rows],
+            "ids": [r["class"] for r in rows],
+            "customdata": [r["samples"] for r in rows],
+            "hovertemplate": "%{x}: %{y:.0%} of %{customdata} samples off the object<extra></extra>",
+        }
+    ]
 
 
 RUN_COLUMNS = [

@@ -19,7 +19,6 @@ import fiftyone.core.utils as fou
 from . import appearance, runs
 from .batches import SampleImages, collate_groups, compute_batch
 from .cams import CamError, CamExtractor
-from .cams.capture import eval_mode, logits_of
 from .heatmaps import HEATMAP_RANGE, PngWriter, remove_temporary_files
 from .models import input_shape_of, load_classifier
 
@@ -227,10 +226,7 @@ class CamRun:
         if not names:
             return
 
-        module = self.classifier.module
-        x = torch.zeros((1,) + tuple(self.input_shape), device=self.device)
-        with torch.no_grad(), eval_mode(module):
-            num_outputs = logits_of(module(x)).shape[1]
+        num_outputs = self.extractor.num_outputs
         if num_outputs != len(names):
             raise CamError(
                 f"The model has {num_outputs} outputs but {len(names)} class "

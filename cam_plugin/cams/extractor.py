@@ -6,8 +6,8 @@ passes and layer replacements that the individual methods build on.
 import torch
 
 from .capture import CamError, LayerCapture, eval_mode, infer_layout, logits_of
-from .inference import InferenceModels, inference_copy, parallel_streams
-from .layers import check_layer, default_layer, probe_layers
+from .inference import InferenceModels, parallel_streams
+from .layers import check_layer, default_layer, probe_model
 
 
 class CamContext:
@@ -22,13 +22,19 @@ class CamContext:
         layout: the layer's :class:`SpatialLayout` for this batch
         chunk_size: the most images to send through the model at once in
             the extra forward passes of perturbation methods
+
+    ``inference_models`` (an :class:`InferenceModels`) caches the fast copy
+    of the model that those passes run on across batches; without it, one
+    is built for this batch.
     """
 
     def __init__(
         self, model, inputs, logits, leaf, layer, layout, chunk_size, inference_models=None
     ):
         self.model = model
-        self._inference_models = inference_models
+        self._inference_models = (
+            inference_models if inference_models is not None else InferenceModels(model)
+        )
         self.inputs = inputs
         self.logits = logits
         self.layer = layer
@@ -109,8 +115,6 @@ class CamContext:
         return torch.cat(results, dim=0)
 
     def _inference_model(self):
-        if self._inference_models is None:
-            return inference_copy(self.model, self.inputs.device)
         return self._inference_models.get(self.inputs.device)
 
     def to_raw_layout(self, nchw, like):
@@ -201,6 +205,10 @@ class CamExtractor:
             perturbation methods (Score-CAM, Ablation-CAM)
         autocast (False): whether to run the forward pass under CUDA mixed
             precision (maps are always computed in float32)
+
+    Attributes:
+        candidates: the layers the probe pass found
+        num_outputs: the number of logits the model returns per input
     """
 
     def __init__(
@@ -218,7 +226,7 @@ class CamExtractor:
         self.method = get_method(method)
         self.chunk_size = chunk_size
         self.autocast = autocast
-        self.candidates = probe_layers(model, input_shape)
+        self.candidates, self.num_outputs = probe_model(model, input_shape)
         self.layer = default_layer(self.candidates) if layer is None else layer
         self.layer_info = check_layer(self.candidates, self.layer)
         self.inference_models = InferenceModels(model)

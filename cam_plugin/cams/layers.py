@@ -73,6 +73,17 @@ def probe_layers(model, input_shape, device=None):
     Returns:
         a list of :class:`LayerCandidate`, in execution order
     """
+    return probe_model(model, input_shape, device=device)[0]
+
+
+def probe_model(model, input_shape, device=None):
+    """:func:`probe_layers`, also returning what the same pass shows of the
+    model's output.
+
+    Returns:
+        a ``(candidates, num_outputs)`` tuple: the list of
+        :class:`LayerCandidate` and the number of logits per input
+    """
     if device is None:
         device = _model_device(model)
 
@@ -136,7 +147,7 @@ def probe_layers(model, input_shape, device=None):
 
     _clear_grads(model)
 
-    return sorted(records.values(), key=lambda r: r.order)
+    return sorted(records.values(), key=lambda r: r.order), logits.shape[1]
 
 
 def default_layer(candidates):
