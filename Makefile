@@ -14,8 +14,11 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
-$(RUNTIME_STAMP): requirements.txt | $(PY)
+# the library (cam_plugin/) installed in editable mode: importable by its
+# own name everywhere, no sys.path edits
+$(RUNTIME_STAMP): requirements.txt pyproject.toml | $(PY)
 	$(PY) -m pip install -r requirements.txt
+	$(PY) -m pip install -e .
 	$(PY) .ci/ensure_mongod.py
 	touch $@
 
@@ -27,12 +30,13 @@ setup: $(RUNTIME_STAMP)
 
 setup-test: $(TEST_STAMP)
 
-# The demo keeps its database and files in .demo/, never in ~/.fiftyone
+# The demo (examples/demo.py) keeps its database and files in .demo/, never
+# in ~/.fiftyone
 demo: setup
-	FIFTYONE_DATABASE_DIR=$(DEMO_DIR)/db $(PY) -m cam_plugin.demo --dir $(DEMO_DIR) $(ARGS)
+	FIFTYONE_DATABASE_DIR=$(DEMO_DIR)/db $(PY) examples/demo.py --dir $(DEMO_DIR) $(ARGS)
 
 app: setup
-	FIFTYONE_DATABASE_DIR=$(DEMO_DIR)/db $(PY) -m cam_plugin.demo --dir $(DEMO_DIR) --app $(ARGS)
+	FIFTYONE_DATABASE_DIR=$(DEMO_DIR)/db $(PY) examples/demo.py --dir $(DEMO_DIR) --app $(ARGS)
 
 test: setup-test
 	$(PY) -m pytest tests $(ARGS)
@@ -50,4 +54,4 @@ bench: setup-test
 	$(PY) bench/attention_metrics.py --threads 1
 
 clean:
-	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache
+	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache *.egg-info

@@ -1,30 +1,31 @@
 """FiftyOne operators of the CAM plugin: forms from :mod:`cam_plugin.forms`,
 work done by the :mod:`cam_plugin` library."""
 
-import os
-import sys
 import time
 
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
-# The library lives beside this file; importing it by its own name keeps a
-# single copy whether it is used from Python or from the App
-_HERE = os.path.dirname(os.path.abspath(__file__))
-if _HERE not in sys.path:
-    sys.path.insert(0, _HERE)
-
-import cam_plugin  # noqa: E402
-from cam_plugin import forms  # noqa: E402
-from cam_plugin.pipeline import CamRun  # noqa: E402
+# the library is an installed package (pyproject.toml, `make setup`): one
+# copy, by its own name, whether it is used from Python or from the App
+import cam_plugin
+from cam_plugin import forms
 
 _PROGRESS_EVERY_S = 0.5
 
 
 def _delegation(ctx):
-    # Python callers ask with delegate=...; App users choose in the App
+    # a sharded run is queued by an immediate execution, one delegated
+    # operation per shard; otherwise Python callers ask with delegate=...
+    # and App users choose in the App
+    if int(ctx.params.get("num_shards") or 1) > 1 and ctx.params.get("shard") is None:
+        return False
     delegate = ctx.params.get("delegate")
     return None if delegate is None else bool(delegate)
+
+
+def _queues_shards(ctx):
+    return int(ctx.params.get("num_shards") or 1) > 1 and ctx.params.get("shard") is None
 
 
 class ComputeCams(foo.Operator):
@@ -67,12 +68,13 @@ class ComputeCams(foo.Operator):
         return _delegation(ctx)
 
     def execute(self, ctx):
-        run = CamRun(ctx.target_view(), **forms.compute_cams_kwargs(ctx.params))
+        kwargs = forms.compute_cams_kwargs(ctx.params)
+        steps = cam_plugin.iter_compute_cams(ctx.target_view(), delegate=_queues_shards(ctx), **kwargs)
         if ctx.delegated:
-            return _run_reporting(ctx, run)
+            return _run_reporting(ctx, steps)
 
         # immediate execution streams progress to the App as a generator
-        return _stream_to_app(ctx, run, self.resolve_output(ctx))
+        return _stream_to_app(ctx, steps, self.resolve_output(ctx))
 
     def resolve_output(self, ctx):
         outputs = types.Object()
@@ -80,7 +82,9 @@ class ComputeCams(foo.Operator):
         outputs.int("processed", label="Samples processed")
         outputs.int("failed", label="Samples failed")
         outputs.int("skipped", label="Samples already done")
+        outputs.str("status", label="Run status")
         outputs.obj("errors", label="Failure reasons", view=types.JSONView())
+        outputs.list("queued", types.String(), label="Queued delegated operations (one per shard)")
         return types.Property(outputs, view=types.View(label="Class activation maps computed"))
 
 
@@ -112,11 +116,13 @@ class ComputeAttention(foo.Operator):
         return _delegation(ctx)
 
     def execute(self, ctx):
-        result = cam_plugin.compute_attention(
-            ctx.target_view(), **forms.compute_attention_kwargs(ctx.params)
+        kwargs = forms.compute_attention_kwargs(ctx.params)
+        steps = cam_plugin.iter_compute_attention(
+            ctx.target_view(), delegate=_queues_shards(ctx), **kwargs
         )
+        summary = _run_reporting(ctx, steps) if ctx.delegated else _drain(steps)
         ctx.ops.reload_dataset()
-        return {k: v for k, v in result.items() if k != "seconds"}
+        return summary
 
 
 class AttentionViews(foo.Operator):
@@ -339,9 +345,9 @@ class DeleteRun(foo.Operator):
         return {"deleted": key}
 
 
-def _run_reporting(ctx, run):
+def _run_reporting(ctx, steps):
     summary = None
-    for update in _progress_updates(run):
+    for update in _progress_updates(steps):
         if isinstance(update, dict):
             summary = update
         else:
@@ -349,9 +355,9 @@ def _run_reporting(ctx, run):
     return summary
 
 
-def _stream_to_app(ctx, run, outputs):
+def _stream_to_app(ctx, steps, outputs):
     summary = None
-    for update in _progress_updates(run):
+    for update in _progress_updates(steps):
         if isinstance(update, dict):
             summary = update
         else:
@@ -361,14 +367,21 @@ def _stream_to_app(ctx, run, outputs):
     yield ctx.ops.show_output(outputs.to_json(), summary)
 
 
-def _progress_updates(run):
-    """Throttled ``(fraction, label)`` progress updates of a run, then its
-    summary as a dict."""
-    updates = run.iter_run()
+def _drain(steps):
+    summary = None
+    for update in _progress_updates(steps):
+        if isinstance(update, dict):
+            summary = update
+    return summary
+
+
+def _progress_updates(steps):
+    """Throttled ``(fraction, label)`` progress updates of a run's steps,
+    then its summary as a dict."""
     last = 0.0
     while True:
         try:
-            done, total = next(updates)
+            done, total = next(steps)
         except StopIteration as stop:
             summary = stop.value
             break
@@ -381,7 +394,9 @@ def _progress_updates(run):
         "processed": summary.processed,
         "failed": summary.failed,
         "skipped": summary.skipped,
+        "status": summary.status,
         "errors": summary.errors,
+        "queued": summary.queued,
     }
 
 

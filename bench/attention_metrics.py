@@ -12,17 +12,13 @@ OMP_WAIT_POLICY=PASSIVE there.
 import argparse
 import math
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from cam_plugin.metrics import attention_metrics  # noqa: E402
-from cam_plugin.regions import box_masks  # noqa: E402
+from cam_plugin.metrics import attention_metrics
+from cam_plugin.regions import box_masks
 
 KEYS = ("object_energy", "object_area", "pointing_hit", "border_energy")
 

@@ -13,7 +13,6 @@ Usage::
 import argparse
 import glob
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,14 +23,11 @@ import torch.nn.functional as F
 import torchvision
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from cam_plugin.batches import SampleImages, collate_groups, compute_batch  # noqa: E402
-from cam_plugin.cams import CamExtractor  # noqa: E402
-from cam_plugin.cifar_resnet import load_resnet20_checkpoint  # noqa: E402
-from cam_plugin.heatmaps import PngWriter  # noqa: E402
-from cam_plugin.models import cifar_transforms, input_shape_of  # noqa: E402
+from cam_plugin.batches import SampleImages, collate_groups, compute_batch
+from cam_plugin.cams import CamExtractor
+from cam_plugin.cifar_resnet import load_resnet20_checkpoint
+from cam_plugin.heatmaps import PngWriter
+from cam_plugin.models import cifar_transforms, input_shape_of
 
 DEVICE = "cuda"
 

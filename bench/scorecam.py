@@ -19,7 +19,6 @@ Usage::
 import argparse
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -34,7 +33,6 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("CAM_PLUGIN_SHARED_DATA", REPO.parent / "shared" / "data"))
-sys.path.insert(0, str(REPO))
 
 
 def resnet20_inputs(count):

@@ -41,7 +41,6 @@ def _isolate_fiftyone(workdir):
     os.environ["FIFTYONE_DATABASE_VALIDATION"] = "false"
     os.environ["FIFTYONE_DO_NOT_TRACK"] = "true"
     os.environ.pop("FIFTYONE_DATABASE_URI", None)
-    sys.path.insert(0, str(REPO))
 
 
 def prepare_images(workdir, count):

@@ -30,11 +30,15 @@ def __getattr__(name):
         from .runs import RunError
 
         return RunError
+    if name in ("RunSummary", "CamRunSummary"):
+        from .runs.base import RunSummary
+
+        return RunSummary
     if name == "Thresholds":
         from .views import Thresholds
 
         return Thresholds
-    if name in ("views", "runs", "attention", "pipeline", "heatmaps", "forms", "demo"):
+    if name in ("views", "runs", "heatmaps", "forms"):
         import importlib
 
         return importlib.import_module(f".{name}", __name__)
@@ -62,11 +66,16 @@ def compute_cams(
     output_dir=None,
     run_key=None,
     overwrite=False,
+    retry_failed=False,
+    num_shards=1,
+    shard=None,
+    delegate=False,
+    trust_checkpoint=False,
     progress=None,
 ):
     """Computes predictions and class activation maps for every sample.
 
-    Writes, per sample:
+    Writes, per sample, in one update of its document after its files:
 
     -   ``pred_field``: an ``fo.Classification`` (label, confidence, logits)
     -   ``heatmap_field``: an ``fo.Heatmap`` for the predicted class, whose
@@ -79,11 +88,15 @@ def compute_cams(
     -   ``<heatmap_field>_error``: why a sample failed, for samples that did
 
     The run is registered on the dataset under ``run_key``. Calling again
-    with the same arguments after an interruption resumes it, processing
-    only the samples not yet done.
+    with the same arguments continues it: after an interruption (even
+    ``kill -9``) only the samples not yet done are computed, and a finished
+    run picks up samples added since. A run only ever writes and deletes
+    fields it created and files in its own directory.
 
     Args:
-        samples: a ``fo.Dataset`` or ``fo.DatasetView``
+        samples: a ``fo.Dataset`` or ``fo.DatasetView`` of images (patches,
+            frames and clips views are refused; of a grouped dataset, the
+            current slice is processed)
         model: a ``torch.nn.Module``, a :class:`Classifier`, a torchvision
             classifier name (``"resnet50"`` or ``"resnet50:IMAGENET1K_V2"``),
             a TorchScript file path, or ``"<architecture>:<checkpoint>"``
@@ -114,41 +127,67 @@ def compute_cams(
             of memory
         heatmap_size (256): the longest side of the heatmap files; the full
             image frame is kept, only the resolution is capped
-        output_dir (None): where heatmap files go (in ``<output_dir>/<run
-            key>``); default under ``fo.config.default_dataset_dir``
+        output_dir (None): the root under which the run's own directory is
+            made (``<output_dir>/<dataset>-<dataset id>/<run key>-<uid>``);
+            default under ``fo.config.default_dataset_dir``. Workers of a
+            sharded run must all see it at the same path
         run_key (None): the run's key; defaults to ``heatmap_field``
-        overwrite (False): replace a finished run with the same key, or a
-            field the user already has
+        overwrite (False): delete an existing run with this key (its fields
+            and files) and compute it again; never touches fields the
+            plugin did not create
+        retry_failed (False): compute samples that failed before again
+        num_shards (1): split the view into this many disjoint shards (by a
+            hash of the sample id); with ``delegate=True`` each becomes a
+            delegated operation
+        shard (None): compute only this shard (what each delegated
+            operation does); None computes every shard no live worker holds
+        delegate (False): queue the shards as delegated operations for
+            ``fiftyone delegated launch`` workers instead of computing here;
+            needs a model given by name or path
+        trust_checkpoint (False): allow a checkpoint file that can only be
+            loaded by full unpickling (which runs code from the file); only
+            for files you trust, and never from the App
         progress (None): True/False for a progress bar, or a callback
             receiving the ``fiftyone.core.utils.ProgressBar``
 
     Returns:
-        a :class:`cam_plugin.pipeline.CamRunSummary`
+        a :class:`cam_plugin.runs.base.RunSummary`
     """
-    from .pipeline import CamRun
+    # every argument, as iter_compute_cams takes them
+    arguments = dict(locals())
+    return _drain(iter_compute_cams(**arguments))
 
-    return CamRun(
-        samples,
-        model,
-        label_field=label_field,
-        pred_field=pred_field,
-        heatmap_field=heatmap_field,
-        method=method,
-        target_layer=target_layer,
-        classes=classes,
-        transforms=transforms,
-        targets=targets,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        device=device,
-        mixed_precision=mixed_precision,
-        chunk_size=chunk_size,
-        heatmap_size=heatmap_size,
-        output_dir=output_dir,
-        run_key=run_key,
-        overwrite=overwrite,
-        progress=progress,
-    ).run()
+
+def iter_compute_cams(samples, model, **kwargs):
+    """:func:`compute_cams` as a generator: yields ``(done, total)`` after
+    each batch and returns the :class:`cam_plugin.runs.base.RunSummary`
+    (what the App's operators use to report progress). Takes the same
+    arguments."""
+    from .runs import cams, sharding
+
+    params, options = _split_options(kwargs)
+    if options.pop("delegate", False):
+        return sharding.queue(cams.CamRunType, "compute_cams", samples, model, params, options)
+    return (yield from sharding.steps(cams.CamRunType(samples, model, **params), options))
+
+
+# the arguments of compute_* that steer the run rather than say what it computes
+_RUN_OPTIONS = ("overwrite", "retry_failed", "num_shards", "shard", "delegate", "output_dir", "progress")
+
+
+def _split_options(kwargs):
+    options = {k: kwargs.pop(k) for k in _RUN_OPTIONS if k in kwargs}
+    if "output_dir" in options:
+        options["output_root"] = options.pop("output_dir")
+    return kwargs, options
+
+
+def _drain(steps):
+    while True:
+        try:
+            next(steps)
+        except StopIteration as stop:
+            return stop.value
 
 
 def compute_attention(
@@ -166,8 +205,12 @@ def compute_attention(
     top_fraction=0.2,
     run_key=None,
     overwrite=False,
+    retry_failed=False,
     batch_size=256,
     device=None,
+    num_shards=1,
+    shard=None,
+    delegate=False,
     progress=None,
 ):
     """Measures how much of each heatmap falls on the labelled object.
@@ -187,6 +230,11 @@ def compute_attention(
         (``border`` of each side), computed with or without regions
     -   ``F_pred_gt_agreement``: the IoU of the top-``top_fraction`` pixels of
         the predicted- and ground-truth-class maps
+    -   ``F_attention_error``: why a sample could not be measured (its map is
+        unreadable, or zero everywhere)
+
+    Like :func:`compute_cams`, the run resumes, picks up new samples when
+    called again, and shards (``num_shards``, ``shard``, ``delegate``).
 
     Args:
         samples: a dataset or view with heatmaps from :func:`compute_cams`
@@ -212,33 +260,32 @@ def compute_attention(
         top_fraction (0.2): the share of pixels compared by the agreement
         run_key (None): defaults to ``<heatmap_field>_attention``
         overwrite (False): replace an earlier attention run with this key
+        retry_failed (False): measure samples that failed before again
         batch_size (256): maps processed together
         device (None): where the metrics are computed (CUDA if available)
+        num_shards, shard, delegate: as for :func:`compute_cams`
         progress (None): a progress bar (True/False) or a callback
 
     Returns:
-        a dict with the run key and counts
+        a :class:`cam_plugin.runs.base.RunSummary`
     """
-    from .attention import AttentionRun
+    # every argument, as iter_compute_attention takes them
+    arguments = dict(locals())
+    return _drain(iter_compute_attention(**arguments))
 
-    return AttentionRun(
-        samples,
-        heatmap_field=heatmap_field,
-        region_field=region_field,
-        label_field=label_field,
-        gt_heatmap_field=gt_heatmap_field,
-        region_classes=region_classes,
-        mask_values=mask_values,
-        heatmap_threshold=heatmap_threshold,
-        tolerance=tolerance,
-        border=border,
-        top_fraction=top_fraction,
-        run_key=run_key,
-        overwrite=overwrite,
-        batch_size=batch_size,
-        device=device,
-        progress=progress,
-    ).run()
+
+def iter_compute_attention(samples, heatmap_field="cam", region_field=None, **kwargs):
+    """:func:`compute_attention` as a generator of ``(done, total)``
+    returning the summary; takes the same arguments."""
+    from .runs import attention, sharding
+
+    params, options = _split_options(kwargs)
+    args = (heatmap_field, region_field)
+    if options.pop("delegate", False):
+        return sharding.queue(
+            attention.AttentionRunType, "compute_attention", samples, args, params, options
+        )
+    return (yield from sharding.steps(attention.AttentionRunType(samples, *args, **params), options))
 
 
 def attention_views(
@@ -317,22 +364,43 @@ def list_runs(samples, method=None):
 
 
 def get_run(samples, run_key):
-    """A run's configuration and state (status, counts) as a dict."""
+    """A run's configuration and state as a dict: ``status``
+    (``completed`` once every sample of its view is done), ``counts``
+    (``samples``, ``processed``, ``failed``, ``todo``, ``errors``),
+    ``files_dir``, ``fields`` and ``shards`` (per shard: ``state``
+    ``running``/``stale``/``done``/``failed``, worker, heartbeat)."""
     from . import runs
 
     return runs.get_run(samples, run_key)
 
 
 def delete_run(samples, run_key):
-    """Deletes a run, its fields, its heatmap files and the attention runs
-    computed from it. Nothing else is touched."""
+    """Deletes a run, its fields, the heatmap files it owns and the
+    attention runs computed from it. Nothing else is touched: a clone's copy
+    of a run deletes no files of the dataset it was cloned from.
+
+    Refuses while a live worker runs one of its shards."""
     from . import runs
 
+    config = runs.get_run(samples, run_key)
+    live = runs.records.live_shards(config)
+    if live:
+        from .runs.base import _live_message
+
+        raise runs.RunError(_live_message(run_key, live, "cannot be deleted"))
     runs.delete_run(samples, run_key)
 
 
-def layer_candidates(model, transforms=None):
+def layer_candidates(model, transforms=None, trust_checkpoint=False):
     """The layers a CAM can be taken from, last first, and the default one.
+
+    Args:
+        model: anything :func:`load_classifier` accepts
+        transforms (None): the model's preprocessing, which sets the probe
+            input's size
+        trust_checkpoint (False): whether a file given by path may be fully
+            unpickled (see :func:`load_classifier`); by default a pickled
+            model is refused, since loading it would run code from the file
 
     Returns:
         a tuple ``(names, default)``
@@ -340,7 +408,7 @@ def layer_candidates(model, transforms=None):
     from .cams import default_layer, probe_layers
     from .models import input_shape_of
 
-    clf = load_classifier(model, transforms=transforms)
+    clf = load_classifier(model, transforms=transforms, trust_checkpoint=trust_checkpoint)
     candidates = probe_layers(clf.module, input_shape_of(clf.transforms))
     names = [c.name for c in reversed(candidates) if c.usable]
     return names, default_layer(candidates)

@@ -88,13 +88,28 @@ def resnet20(num_classes=10):
     return CifarResNet((3, 3, 3), num_classes)
 
 
-def load_resnet20_checkpoint(path, map_location="cpu"):
-    """Loads the published ResNet-20 checkpoint: a pickle of
-    ``{'state_dict', 'best_prec1'}`` written by an old torch, with every key
-    prefixed ``module.`` (it was saved from ``DataParallel``)."""
-    checkpoint = torch.load(path, map_location=map_location, weights_only=False)
+def resnet20_from_checkpoint(checkpoint):
+    """A ResNet-20 with the weights of an already loaded checkpoint: the
+    published ``{'state_dict', 'best_prec1'}`` dict, or a bare state dict;
+    keys may carry the ``module.`` prefix of ``DataParallel``.
+
+    Raises:
+        KeyError, RuntimeError: for a checkpoint of another architecture
+    """
     state = checkpoint.get("state_dict", checkpoint)
     state = {k.removeprefix("module."): v for k, v in state.items()}
     model = resnet20(num_classes=state["linear.weight"].shape[0])
     model.load_state_dict(state)
     return model.eval()
+
+
+def load_resnet20_checkpoint(path, map_location="cpu"):
+    """Loads the published ResNet-20 checkpoint: a pickle of
+    ``{'state_dict', 'best_prec1'}`` written by an old torch, with every key
+    prefixed ``module.`` (it was saved from ``DataParallel``).
+
+    It holds only tensors, an ``OrderedDict`` and a float, so it is read
+    with ``weights_only=True``: no code from the file can run.
+    """
+    checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    return resnet20_from_checkpoint(checkpoint)

@@ -43,6 +43,10 @@ def model_spec(params):
 
 @functools.lru_cache(maxsize=32)
 def _layer_choices(probe_spec, mtime):
+    """The layers of a probe specification from
+    :func:`cam_plugin.models.layer_probe_spec` (random weights or a
+    TorchScript file), cached; ``mtime`` is the file's, so that a rewritten
+    file is probed again."""
     import cam_plugin
 
     return cam_plugin.layer_candidates(probe_spec)
@@ -50,16 +54,19 @@ def _layer_choices(probe_spec, mtime):
 
 def layer_choices(spec):
     """Usable layers of a model, last first, and the default, or an error
-    message. Torchvision models are probed without their weights (the
-    architecture alone decides the layers), so nothing is downloaded."""
-    arch, _, arg = spec.partition(":")
-    path = spec if os.path.isfile(spec) else (arg if os.path.isfile(arg) else None)
-    if path is not None:
-        probe_spec, mtime = spec, os.path.getmtime(path)
-    else:
-        probe_spec, mtime = f"{arch}:none", None
+    message.
+
+    The form is resolved while the user types, before anything is run, so
+    no checkpoint is ever loaded here (unpickling one can run code from the
+    file): the layers come from the architecture with random weights, which
+    alone decides them, and from TorchScript files, which run no Python. A
+    pickled model without an architecture gets a message instead. Nothing
+    is downloaded either."""
+    from .models import layer_probe_spec
 
     try:
+        probe_spec, path = layer_probe_spec(spec)
+        mtime = os.path.getmtime(path) if path is not None else None
         names, default = _layer_choices(probe_spec, mtime)
     except Exception as e:
         return [], None, str(e)
@@ -68,8 +75,12 @@ def layer_choices(spec):
 
 
 def model_inputs(ctx, inputs):
-    """Model source, name/weights or path. Returns the model spec or None."""
-    from .models import torchvision_classifier_names, torchvision_weight_names
+    """Model source, name/weights or path. Returns the model spec or None.
+
+    A model file is only looked at, never loaded: one that is neither
+    TorchScript nor given with its architecture is refused here, since only
+    unpickling could tell what it holds."""
+    from .models import is_torchscript_file, torchvision_classifier_names, torchvision_weight_names
 
     if ctx.params.get("model"):
         # a complete specification given from Python
@@ -92,7 +103,7 @@ def model_inputs(ctx, inputs):
             "model_path",
             required=True,
             label="Model file",
-            description="Path to a TorchScript file (.pt) or a checkpoint",
+            description="Path to a TorchScript file (.pt) or a state-dict checkpoint",
         )
         path = (ctx.params.get("model_path") or "").strip()
         if path and not os.path.isfile(path):
@@ -106,7 +117,7 @@ def model_inputs(ctx, inputs):
         inputs.str(
             "architecture",
             label="Architecture (for a checkpoint)",
-            description="Leave empty for TorchScript or a pickled model",
+            description="Leave empty for a TorchScript file",
             view=archs,
         )
         inputs.str(
@@ -115,6 +126,16 @@ def model_inputs(ctx, inputs):
             description="Comma-separated, in the order of the model's outputs; "
             "needed to name predictions and to match ground-truth labels",
         )
+        if path and not ctx.params.get("architecture") and not is_torchscript_file(path):
+            prop.invalid = True
+            prop.error_message = (
+                f"{path} is not a TorchScript file. Choose the architecture of "
+                "its state dict; a pickled model (torch.save(model)) is not "
+                "opened from the App, because loading it would run code from "
+                "the file: export it as TorchScript, or load it from Python "
+                "with trust_checkpoint=True if you trust it"
+            )
+            return None
     else:
         names = types.AutocompleteView()
         for name in torchvision_classifier_names():
@@ -241,11 +262,10 @@ def new_field_input(
     ``derived`` suffixes name further fields written alongside it."""
     prop = inputs.str(name, default=default, label=label, description=description)
     value = ctx.params.get(name, default)
-    overwrite = ctx.params.get("overwrite", False)
     fields = {value: (ftype, doc_type)}
     fields.update({f"{value}{suffix}": (ftype, doc_type) for suffix in derived})
     try:
-        runs.check_new_fields(ctx.dataset, run_key, fields, overwrite=overwrite)
+        runs.records.check_fields(ctx.dataset, run_key, fields)
     except runs.RunError as e:
         prop.invalid = True
         prop.error_message = str(e)
@@ -288,13 +308,27 @@ def compute_cams_inputs(ctx, inputs):
     for device in _devices():
         devices.add_choice(device, label=device)
     inputs.enum("device", devices.values(), default=_devices()[0], label="Device", view=devices)
-    inputs.bool(
-        "overwrite",
-        default=False,
-        label="Overwrite",
-        description="Replace a finished run with this key, or existing fields",
-    )
+    run_options_inputs(inputs, "Delete the run with this key (its fields and files) and compute it again")
     return ok
+
+
+def run_options_inputs(inputs, overwrite_description):
+    """Overwrite, retry and shard choices shared by the run forms."""
+    inputs.bool("overwrite", default=False, label="Overwrite", description=overwrite_description)
+    inputs.bool(
+        "retry_failed",
+        default=False,
+        label="Retry failed samples",
+        description="Compute again the samples an earlier call of this run failed on",
+    )
+    inputs.int(
+        "num_shards",
+        default=1,
+        min=1,
+        label="Shards",
+        description="More than 1 queues that many delegated operations over disjoint "
+        "parts of the samples, for as many `fiftyone delegated launch` workers",
+    )
 
 
 def _devices():
@@ -308,25 +342,33 @@ def _devices():
 
 def compute_cams_kwargs(params):
     """The :func:`cam_plugin.compute_cams` keyword arguments of a completed
-    form."""
+    form, or of the parameters a Python caller or a queued shard gave."""
     targets = {"pred": ["pred"], "gt": ["gt"], "both": ["pred", "gt"]}
-    target = params.get("targets", "pred")
+    target = params.get("targets") or "pred"
     classes = params.get("classes") or []
     if isinstance(classes, str):
         classes = [c.strip() for c in classes.split(",") if c.strip()]
-    return dict(
+    kwargs = dict(
         classes=classes or None,
         model=model_spec(params),
         method=params.get("method", "gradcam"),
         target_layer=params.get("target_layer"),
         label_field=params.get("label_field") or None,
-        targets=targets.get(target, target),
+        targets=targets.get(target, target) if isinstance(target, str) else list(target),
         pred_field=params.get("pred_field", "cam_prediction"),
         heatmap_field=params.get("heatmap_field", "cam"),
         batch_size=params.get("batch_size"),
         device=params.get("device"),
         overwrite=bool(params.get("overwrite", False)),
+        retry_failed=bool(params.get("retry_failed", False)),
+        num_shards=int(params.get("num_shards") or 1),
+        shard=params.get("shard"),
     )
+    # what only Python callers and queued shards pass
+    for name in ("num_workers", "mixed_precision", "chunk_size", "heatmap_size", "output_dir", "run_key"):
+        if params.get(name) is not None:
+            kwargs[name] = params[name]
+    return kwargs
 
 
 def _fields_of(samples, doc_types):
@@ -343,7 +385,7 @@ def _fields_of(samples, doc_types):
 def heatmap_field_input(ctx, inputs, samples, with_metrics=False):
     """A dropdown of the dataset's heatmap fields (optionally only those with
     attention metrics). Returns the chosen field or None."""
-    from .attention import metric_field
+    from .runs.attention import metric_field
 
     names = _fields_of(samples, fo.Heatmap)
     if with_metrics:
@@ -371,7 +413,7 @@ def heatmap_field_input(ctx, inputs, samples, with_metrics=False):
 
 def compute_attention_inputs(ctx, inputs):
     """The compute_attention form. Returns True when complete and valid."""
-    from .attention import REGION_TYPES
+    from .runs.attention import REGION_TYPES
 
     samples = ctx.target_view()
     heatmap_field = heatmap_field_input(ctx, inputs, samples)
@@ -395,31 +437,51 @@ def compute_attention_inputs(ctx, inputs):
     inputs.enum("region_classes", classes.values(), default="gt", label="Which objects", view=classes)
     inputs.float("tolerance", default=15.0, min=0, label="Pointing tolerance (pixels)")
     inputs.float("border", default=0.1, min=0, max=0.5, label="Border band (fraction of each side)")
-    inputs.bool("overwrite", default=False, label="Overwrite an earlier attention run")
+    run_options_inputs(inputs, "Delete the earlier attention run of this field and measure again")
 
     region_field = ctx.params.get("region_field")
     overwrite = ctx.params.get("overwrite", False)
     key = f"{heatmap_field}_attention"
     if key in runs.list_runs(samples) and not overwrite:
-        prop = inputs.view(
-            "exists",
-            types.Warning(label=f"Attention run '{key}' exists: tick Overwrite to recompute it"),
+        existing = runs.get_run(samples, key)
+        if existing.get("region_field") != region_field:
+            prop = inputs.view(
+                "exists",
+                types.Warning(
+                    label=f"Attention run '{key}' exists with regions "
+                    f"'{existing.get('region_field')}': tick Overwrite to replace it"
+                ),
+            )
+            prop.invalid = True
+            return False
+        inputs.view(
+            "continues",
+            types.Notice(label=f"Continues run '{key}': only samples not yet measured are computed"),
         )
-        prop.invalid = True
-        return False
 
     return region_field is None or region_field in _fields_of(samples, REGION_TYPES)
 
 
 def compute_attention_kwargs(params):
-    return dict(
+    kwargs = dict(
         heatmap_field=params.get("heatmap_field", "cam"),
         region_field=params.get("region_field") or None,
         region_classes=params.get("region_classes", "gt"),
         tolerance=float(params.get("tolerance", 15.0)),
         border=float(params.get("border", 0.1)),
         overwrite=bool(params.get("overwrite", False)),
+        retry_failed=bool(params.get("retry_failed", False)),
+        num_shards=int(params.get("num_shards") or 1),
+        shard=params.get("shard"),
     )
+    # what only Python callers and queued shards pass
+    for name in (
+        "label_field", "gt_heatmap_field", "mask_values", "heatmap_threshold",
+        "top_fraction", "run_key", "batch_size", "device",
+    ):
+        if params.get(name) is not None:
+            kwargs[name] = params[name]
+    return kwargs
 
 
 def threshold_inputs(inputs, with_views=True):
@@ -588,7 +650,7 @@ def delete_run_inputs(ctx, inputs):
 
 def summary_panel_fields(samples):
     """Heatmap fields with attention metrics: what the summary panel offers."""
-    from .attention import metric_field
+    from .runs.attention import metric_field
 
     schema = samples.get_field_schema()
     return [n for n in _fields_of(samples, fo.Heatmap) if metric_field(n, "object_energy") in schema]

@@ -1,5 +1,6 @@
 """Heatmap files: quantising maps to 16-bit PNGs on the device, writing them
-atomically in a thread pool, and reading them back.
+(atomically, :func:`cam_plugin.store.files.write_png_atomic`) in a thread
+pool, and reading them back.
 
 Each PNG holds ``round(value / raw_max * 65535)``: proportional to the raw
 CAM values (zero stays zero, no per-image minimum is subtracted), with the
@@ -12,19 +13,17 @@ App draws values below the range's start as transparent, so the weakest
 attention does not wash the whole image in the colorscale's darkest colour.
 """
 
-import glob
-import os
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 from PIL import Image
 
+from .store.files import write_png_atomic
+
 PNG_MAX = 65535
 DISPLAY_THRESHOLD = 0.1
 HEATMAP_RANGE = [round(DISPLAY_THRESHOLD * PNG_MAX), PNG_MAX]
-TMP_MARK = ".tmp-"
 
 
 def quantize(maps):
@@ -40,21 +39,6 @@ def quantize(maps):
     levels = (maps * scale[:, None, None]).round_().clamp_(0, PNG_MAX)
     levels = levels.to(torch.int32).cpu().numpy().astype(np.uint16)
     return levels, peak.cpu().numpy().astype(np.float64)
-
-
-def write_png_atomic(path, levels):
-    """Writes a uint16 (h, w) array as a 16-bit grayscale PNG, via a temporary
-    file renamed into place, so a reader or a killed process never leaves a
-    partial file under ``path``."""
-    tmp = f"{path}{TMP_MARK}{os.getpid()}-{threading.get_ident()}"
-    img = Image.fromarray(np.ascontiguousarray(levels, dtype=np.uint16))
-    try:
-        img.save(tmp, format="PNG", compress_level=1)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def read_levels(path):
@@ -76,19 +60,6 @@ def read_heatmap(heatmap):
         values = values * (float(raw_max) / PNG_MAX)
 
     return values
-
-
-def remove_temporary_files(directory):
-    """Removes temporary files a killed writer left behind; returns how many."""
-    removed = 0
-    for path in glob.glob(os.path.join(glob.escape(directory), "**", f"*{TMP_MARK}*"), recursive=True):
-        try:
-            os.remove(path)
-            removed += 1
-        except FileNotFoundError:
-            pass
-
-    return removed
 
 
 class PngWriter:

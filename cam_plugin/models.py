@@ -9,14 +9,24 @@ Accepted forms:
     ``"resnet50"`` (its ``DEFAULT`` weights), ``"resnet50:IMAGENET1K_V1"``,
     ``"resnet50:none"`` (random initialisation); weights download on first
     use as torchvision does
--   a path to a TorchScript file
+-   a path to a TorchScript file (or a loaded TorchScript module)
 -   ``"<architecture>:<checkpoint path>"``: a torchvision architecture or
     ``cifar10_resnet20`` with a state-dict checkpoint (the number of classes
-    is read from the checkpoint)
+    is read from the checkpoint); ``"cifar10_resnet20:none"`` is that
+    architecture with random weights
+
+Files are never fully unpickled unless the Python caller says it trusts
+them (``trust_checkpoint=True``): checkpoints are read with
+``torch.load(weights_only=True)``, which restores tensors and plain
+containers only, because unpickling anything else can run code from the
+file. A pickled ``nn.Module`` (``torch.save(model)``) therefore needs the
+trust flag; TorchScript files run no Python and load either way.
 """
 
 import hashlib
 import os
+import pickle
+import re
 import zipfile
 from dataclasses import dataclass, field
 
@@ -25,7 +35,10 @@ import torchvision
 import torchvision.transforms as T
 
 from .cifar_resnet import CIFAR10_CLASSES, IMAGENET_MEAN, IMAGENET_STD
-from .cifar_resnet import load_resnet20_checkpoint
+from .cifar_resnet import resnet20, resnet20_from_checkpoint
+
+#: the architectures besides torchvision's that a checkpoint can name
+CHECKPOINT_ARCHITECTURES = ("cifar10_resnet20",)
 
 
 class ModelError(ValueError):
@@ -94,13 +107,18 @@ def torchvision_weight_names(name):
     return names
 
 
-def load_classifier(model, transforms=None, classes=None):
+def load_classifier(model, transforms=None, classes=None, trust_checkpoint=False):
     """Resolves a model specification into a :class:`Classifier`.
 
     Args:
         model: see the module docstring
         transforms (None): overrides the model's default preprocessing
         classes (None): overrides the model's class names
+        trust_checkpoint (False): whether a file given by path may be fully
+            unpickled. Without it only tensors and plain containers are
+            read, and a file that needs more (a pickled ``nn.Module``) is
+            refused, because unpickling it would run code from the file.
+            Pass True only for a file you trust
 
     Returns:
         a :class:`Classifier` in eval mode
@@ -109,10 +127,15 @@ def load_classifier(model, transforms=None, classes=None):
         clf = Classifier(
             model.module, model.transforms, model.classes, model.name, model.fingerprint
         )
+    elif isinstance(model, torch.jit.ScriptModule):
+        from .cams.torchscript import HookableScriptModule
+
+        # TorchScript modules take no forward hooks; the wrapper gives them
+        clf = Classifier(HookableScriptModule(model), None, None, f"torchscript:{model.original_name}")
     elif isinstance(model, torch.nn.Module):
         clf = Classifier(model, None, None, type(model).__name__)
     elif isinstance(model, (str, os.PathLike)):
-        clf = _load_from_string(os.fspath(model))
+        clf = _load_from_string(os.fspath(model), trust_checkpoint)
     else:
         raise ModelError(
             f"Unsupported model of type {type(model).__name__}: pass a "
@@ -132,20 +155,79 @@ def load_classifier(model, transforms=None, classes=None):
     return clf
 
 
-def _load_from_string(spec):
+def layer_probe_spec(spec):
+    """A specification with the same layers as ``spec`` whose loading reads
+    no pickle, for listing layers where no code from a file may run (the
+    App's forms, which are resolved before the user has run anything).
+
+    A torchvision name or an ``"<architecture>:<checkpoint>"`` becomes the
+    architecture with random weights, ``"<architecture>:none"``, and the
+    checkpoint is never opened; a TorchScript file is its own probe, since
+    TorchScript runs no Python.
+
+    Returns:
+        a tuple ``(probe spec, the file it loads or None)``
+
+    Raises:
+        ModelError: for a missing checkpoint, an unknown architecture, or a
+            file that is neither TorchScript nor named with its architecture
+    """
     if os.path.isfile(spec):
-        return _load_file(spec)
+        if is_torchscript_file(spec):
+            return spec, spec
 
+        raise ModelError(
+            f"{spec} is not a TorchScript file: for a state-dict checkpoint, "
+            f"name its architecture ('<architecture>:{spec}'); a pickled model "
+            "is not opened to list its layers, because loading it would run "
+            "code from the file, so export it as TorchScript"
+        )
+
+    arch, arg, path = _split_spec(spec)
+    if path is None:
+        if arch == "cifar10_resnet20" and not _is_none(arg):
+            raise ModelError(_NEEDS_CHECKPOINT)
+        return f"{arch}:none", None
+
+    if not os.path.isfile(path):
+        raise ModelError(f"Checkpoint not found: {path}")
+
+    _check_checkpoint_architecture(arch, path)
+    return f"{arch}:none", None
+
+
+_NEEDS_CHECKPOINT = (
+    "cifar10_resnet20 needs its checkpoint: 'cifar10_resnet20:<path to .th>' "
+    "(or 'cifar10_resnet20:none' for random weights)"
+)
+
+
+def _split_spec(spec):
+    # "<arch>[:<weights name, none or checkpoint path>]" -> (arch, arg, path)
     arch, sep, arg = spec.partition(":")
-    arch = arch.strip()
-    arg = arg.strip()
+    arch, arg = arch.strip(), arg.strip()
+    # "none" is the keyword even where a file of that name exists
+    is_path = sep and arg and not _is_none(arg) and (os.path.sep in arg or os.path.isfile(arg))
+    return arch, arg, arg if is_path else None
 
-    if sep and arg and (os.path.sep in arg or os.path.isfile(arg)):
-        return _load_checkpoint(arch, arg)
+
+def _is_none(arg):
+    return arg.lower() == "none"
+
+
+def _load_from_string(spec, trust_checkpoint):
+    if os.path.isfile(spec):
+        return _load_file(spec, trust_checkpoint)
+
+    arch, arg, path = _split_spec(spec)
+    if path is not None:
+        return _load_checkpoint(arch, path, trust_checkpoint)
 
     if arch == "cifar10_resnet20":
-        raise ModelError(
-            "cifar10_resnet20 needs its checkpoint: 'cifar10_resnet20:<path to .th>'"
+        if not _is_none(arg):
+            raise ModelError(_NEEDS_CHECKPOINT)
+        return Classifier(
+            resnet20().eval(), cifar_transforms(), list(CIFAR10_CLASSES), "cifar10_resnet20 (random weights)"
         )
 
     return _load_torchvision(arch, arg or None)
@@ -189,28 +271,31 @@ def _load_torchvision(name, weights):
     )
 
 
-def _load_checkpoint(arch, path):
-    if not os.path.isfile(path):
-        raise ModelError(f"Checkpoint not found: {path}")
-
-    if arch == "cifar10_resnet20":
-        module = load_resnet20_checkpoint(path)
-        return Classifier(
-            module, cifar_transforms(), list(CIFAR10_CLASSES), f"cifar10_resnet20:{path}"
-        )
-
-    if arch not in torchvision_classifier_names():
+def _check_checkpoint_architecture(arch, path):
+    if arch not in CHECKPOINT_ARCHITECTURES and arch not in torchvision_classifier_names():
         raise ModelError(
             f"Unknown architecture '{arch}' for checkpoint {path}: use a "
             "torchvision classifier name or cifar10_resnet20"
         )
 
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    state = state.get("state_dict", state) if isinstance(state, dict) else state
-    if not isinstance(state, dict):
-        raise ModelError(f"{path} does not hold a state dict")
 
-    state = {k.removeprefix("module."): v for k, v in state.items()}
+def _load_checkpoint(arch, path, trust_checkpoint):
+    if not os.path.isfile(path):
+        raise ModelError(f"Checkpoint not found: {path}")
+
+    _check_checkpoint_architecture(arch, path)
+    state = _state_dict_of(read_checkpoint(path, trust_checkpoint), path)
+
+    if arch == "cifar10_resnet20":
+        try:
+            module = resnet20_from_checkpoint(state)
+        except (KeyError, RuntimeError) as e:
+            raise ModelError(f"{path} does not fit architecture {arch}: {e}") from None
+
+        return Classifier(
+            module, cifar_transforms(), list(CIFAR10_CLASSES), f"cifar10_resnet20:{path}"
+        )
+
     num_classes = _num_classes_of(state)
     module = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
     try:
@@ -219,6 +304,19 @@ def _load_checkpoint(arch, path):
         raise ModelError(f"{path} does not fit architecture {arch}: {e}") from None
 
     return Classifier(module, None, None, f"{arch}:{path}")
+
+
+def _state_dict_of(checkpoint, path):
+    # a bare state dict, a training checkpoint {"state_dict": ...} or, from
+    # a trusted file, a whole pickled model of the named architecture
+    if isinstance(checkpoint, torch.nn.Module):
+        checkpoint = checkpoint.state_dict()
+    if isinstance(checkpoint, dict):
+        checkpoint = checkpoint.get("state_dict", checkpoint)
+    if not isinstance(checkpoint, dict):
+        raise ModelError(f"{path} does not hold a state dict")
+
+    return {str(k).removeprefix("module."): v for k, v in checkpoint.items()}
 
 
 def _num_classes_of(state):
@@ -231,14 +329,18 @@ def _num_classes_of(state):
     return int(last.shape[0])
 
 
-def _load_file(path):
-    if _is_torchscript(path):
+def _load_file(path, trust_checkpoint):
+    if is_torchscript_file(path):
         from .cams.torchscript import HookableScriptModule
 
-        scripted = torch.jit.load(path, map_location="cpu")
+        try:
+            scripted = torch.jit.load(path, map_location="cpu")
+        except RuntimeError as e:
+            raise ModelError(f"Cannot load {path} as TorchScript: {e}") from None
+
         return Classifier(HookableScriptModule(scripted), None, None, f"torchscript:{path}")
 
-    obj = torch.load(path, map_location="cpu", weights_only=False)
+    obj = read_checkpoint(path, trust_checkpoint)
     if isinstance(obj, torch.nn.Module):
         return Classifier(obj, None, None, f"{type(obj).__name__}:{path}")
 
@@ -248,7 +350,50 @@ def _load_file(path):
     )
 
 
-def _is_torchscript(path):
+def read_checkpoint(path, trust_checkpoint=False):
+    """``torch.load`` of a user's file, on the CPU.
+
+    Untrusted files are read with ``weights_only=True``: tensors, numbers,
+    strings and plain containers only. Everything else in a pickle (a
+    pickled ``nn.Module``, any other class) is rebuilt by calling code that
+    the file names, which a crafted file can point anywhere, so such a file
+    is refused unless ``trust_checkpoint`` is True.
+
+    Raises:
+        ModelError: for a refused or unreadable file, saying what to do
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not trust_checkpoint)
+    except pickle.UnpicklingError as e:
+        # torch's weights-only unpickler refuses with UnpicklingError
+        if not trust_checkpoint:
+            raise ModelError(_refusal(path, e)) from None
+        raise ModelError(f"Cannot read {path} as a PyTorch checkpoint: {e}") from e
+    except Exception as e:  # noqa: BLE001
+        # torch.load raises many types for a file that is no checkpoint
+        # (KeyError, RuntimeError, EOFError...); from a trusted file, also
+        # whatever its unpickling raises (a class that no longer imports)
+        raise ModelError(
+            f"Cannot read {path} as a PyTorch checkpoint ({type(e).__name__}: {e})"
+        ) from e
+
+
+def _refusal(path, error):
+    # torch names the first class or function it refused; users recognise it
+    found = re.search(r"GLOBAL ([\w.]+)", str(error))
+    needs = f" (it needs {found.group(1)})" if found else ""
+    return (
+        f"{path} is not loaded because it is a full Python pickle{needs} and "
+        "loading it would run code from the file: export the model as "
+        "TorchScript (torch.jit.script or trace, then torch.jit.save), or "
+        "save its state_dict() and give it as '<architecture>:<path>', or, "
+        "if you trust the file, pass trust_checkpoint=True from Python"
+    )
+
+
+def is_torchscript_file(path):
+    """Whether ``path`` is a TorchScript archive, from its zip listing alone
+    (nothing in it is loaded)."""
     if not zipfile.is_zipfile(path):
         return False
 

@@ -22,7 +22,7 @@ import fiftyone as fo
 from fiftyone import ViewField as F
 
 from . import runs
-from .attention import metric_field
+from .runs.attention import metric_field
 
 
 class ViewsError(ValueError):

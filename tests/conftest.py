@@ -1,8 +1,9 @@
 """Test set-up: an isolated FiftyOne database and plugins dir, shared data.
 
 The environment is set before FiftyOne is imported anywhere, so every test
-(and every subprocess a test starts) talks to a mongod running on a fresh
-temporary database dir, never the user's ``~/.fiftyone`` database.
+(and every subprocess a test starts) talks to the session's own mongod, on
+its own port and temporary database dir (:mod:`private_mongod`), never the
+user's ``~/.fiftyone`` database or another session's server.
 """
 
 import atexit
@@ -22,22 +23,29 @@ _PLUGINS.mkdir()
 for var in ("FIFTYONE_DATABASE_URI", "FIFTYONE_DATABASE_NAME"):
     os.environ.pop(var, None)
 
+import private_mongod  # noqa: E402
+
+_MONGOD, _DATABASE_URI = private_mongod.start(_TMP / "db")
+atexit.register(private_mongod.stop, _MONGOD)
+
 os.environ.update(
     {
-        "FIFTYONE_DATABASE_DIR": str(_TMP / "db"),
+        "FIFTYONE_DATABASE_URI": _DATABASE_URI,
+        "FIFTYONE_DATABASE_DIR": str(_TMP / "unused_db"),
         "FIFTYONE_DEFAULT_DATASET_DIR": str(_TMP / "datasets"),
         "FIFTYONE_PLUGINS_DIR": str(_PLUGINS),
         "FIFTYONE_DO_NOT_TRACK": "true",
         "FIFTYONE_SHOW_PROGRESS_BARS": "false",
         # mongod 6.0 (the Debian fallback) is supported; skip the nag
         "FIFTYONE_DATABASE_VALIDATION": "false",
-        "PYTHONPATH": os.pathsep.join(
-            [str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-        ),
     }
 )
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+# cam_plugin itself is an installed package (`make setup-test`); only the
+# examples, which are not part of it, are put on the tests' path
+# (``import demo`` is examples/demo.py)
+EXAMPLES = REPO / "examples"
+if str(EXAMPLES) not in sys.path:
+    sys.path.insert(0, str(EXAMPLES))
 
 import pytest  # noqa: E402
 
@@ -49,13 +57,11 @@ SHARED_DATA = Path(
 def pytest_sessionfinish(session, exitstatus):
     # stop this session's mongod before removing its database dir
     database = sys.modules.get("fiftyone.core.odm.database")
-    service = getattr(database, "_db_service", None)
-    if service is not None:
-        # FiftyOne's own exit hook would reconnect to a deleted database dir
+    if database is not None:
+        # FiftyOne's own exit hook would reconnect to a stopped server
         atexit.unregister(database._delete_non_persistent_datasets_if_allowed)
         database._disconnect()
-        service.stop()
-        database._db_service = None
+    private_mongod.stop(_MONGOD)
     shutil.rmtree(_TMP, ignore_errors=True)
 
 

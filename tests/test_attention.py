@@ -71,7 +71,7 @@ def test_metrics_match_brute_force_reference(coco_with_cams, kind):
         overwrite=True,
         device="cpu",
     )
-    assert result["samples"] == len(dataset)
+    assert result.processed == len(dataset) and result.status == "completed"
     config = cam_plugin.get_run(dataset, "cam_attention")
     assert config["region_field"] == kind and config["depends_on"] == ["cam"]
 
@@ -120,8 +120,11 @@ def test_attention_runs_are_guarded_and_deleted_with_their_cam_run(
     dataset.delete_samples(dataset.take(len(dataset) - 6, seed=0))  # six are enough
     cam_plugin.compute_cams(dataset, efficientnet_classifier, heatmap_size=64)
     cam_plugin.compute_attention(dataset, "cam", "ground_truth")
-    with pytest.raises(cam_plugin.RunError, match="already finished"):
-        cam_plugin.compute_attention(dataset, "cam", "ground_truth")
+    with pytest.raises(cam_plugin.RunError, match="different configuration"):
+        cam_plugin.compute_attention(dataset, "cam", "ground_truth", tolerance=3.0)
+    # the same call again has nothing left to do
+    again = cam_plugin.compute_attention(dataset, "cam", "ground_truth")
+    assert (again.processed, again.skipped) == (0, len(dataset))
     assert "cam_object_energy" in dataset.get_field_schema()
 
     cam_plugin.delete_run(dataset, "cam")

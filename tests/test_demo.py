@@ -8,7 +8,7 @@ the object.
 import numpy as np
 import pytest
 
-from cam_plugin import demo
+import demo  # examples/demo.py, put on the path by conftest.py
 
 # A smaller demo than the default, so the end-to-end run stays well under
 # a minute and a half on two CPU cores

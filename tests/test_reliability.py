@@ -149,7 +149,7 @@ def test_tiny_image_without_resize_fails_only_itself(dataset_name, cifar_dir, re
     assert summary.processed == 6 and summary.failed == 1
     failed = dataset.exists("cam_error").first()
     assert failed.filepath == str(tiny)
-    assert "CAM failed" in failed.cam_error
+    assert failed.cam_error.startswith("computation failed: ")
 
 
 def test_configuration_errors_before_any_work(dataset_name, cifar_dir, resnet20):
@@ -184,15 +184,19 @@ def test_run_keys_refuse_finished_or_different_runs(dataset_name, cifar_dir, res
     cam_plugin.compute_cams(dataset, resnet20)
     first_paths = dataset.values("cam.map_path")
 
-    with pytest.raises(cam_plugin.RunError, match="already finished"):
-        cam_plugin.compute_cams(dataset, resnet20)
+    # the same call again has nothing left to do
+    again = cam_plugin.compute_cams(dataset, resnet20)
+    assert (again.processed, again.skipped, again.status) == (0, len(dataset), "completed")
     with pytest.raises(cam_plugin.RunError, match="different configuration.*cam_method"):
         cam_plugin.compute_cams(dataset, resnet20, method="gradcam++")
 
-    # a user field is never replaced without overwrite=True
+    # a user field is never replaced, whatever overwrite says
     dataset.add_sample_field("mine", fo.EmbeddedDocumentField, embedded_doc_type=fo.Classification)
-    with pytest.raises(cam_plugin.RunError, match="not made by this plugin"):
-        cam_plugin.compute_cams(dataset, resnet20, pred_field="mine", heatmap_field="cam2")
+    for overwrite in (False, True):
+        with pytest.raises(cam_plugin.RunError, match="not made by this plugin"):
+            cam_plugin.compute_cams(
+                dataset, resnet20, pred_field="mine", heatmap_field="cam2", overwrite=overwrite
+            )
 
     # fields of another run are refused even with overwrite
     with pytest.raises(cam_plugin.RunError, match="belongs to run 'cam'"):
@@ -201,17 +205,18 @@ def test_run_keys_refuse_finished_or_different_runs(dataset_name, cifar_dir, res
     summary = cam_plugin.compute_cams(dataset, resnet20, method="gradcam++", overwrite=True)
     assert summary.processed == len(dataset)
     assert cam_plugin.get_run(dataset, "cam")["cam_method"] == "gradcam++"
-    assert dataset.values("cam.map_path") == first_paths  # same, rewritten
+    # the replaced run's files went with it; the new run has its own
+    new_paths = dataset.values("cam.map_path")
+    assert not any(os.path.exists(p) for p in first_paths)
+    assert all(os.path.isfile(p) for p in new_paths) and set(new_paths).isdisjoint(first_paths)
 
 
 def test_delete_run_removes_exactly_its_fields_and_files(dataset_name, cifar_dir, resnet20, tmp_path):
     dataset = cifar_dataset(dataset_name, cifar_dir, per_class=2)
     out = tmp_path / "heatmaps"
     keep = out / "user_file.txt"
-    mine_in_run_dir = out / "cam" / "notes.txt"
-    mine_in_run_dir.parent.mkdir(parents=True)
+    out.mkdir()
     keep.write_text("mine")
-    mine_in_run_dir.write_text("also mine")
     dataset.add_sample_field("notes", fo.StringField)
     dataset.set_values("notes", ["n"] * len(dataset))
 
@@ -220,8 +225,13 @@ def test_delete_run_removes_exactly_its_fields_and_files(dataset_name, cifar_dir
         dataset, resnet20, heatmap_field="other", pred_field="other_pred", method="hirescam",
         output_dir=str(out),
     )
-    cam_files = set((out / "cam").rglob("*.png"))
-    other_files = set((out / "other").rglob("*.png"))
+    cam_dir = Path(cam_plugin.get_run(dataset, "cam")["files_dir"])
+    other_dir = Path(cam_plugin.get_run(dataset, "other")["files_dir"])
+    assert cam_dir.parent.parent == out and cam_dir != other_dir
+    mine_in_run_dir = cam_dir / "notes.txt"
+    mine_in_run_dir.write_text("also mine")
+    cam_files = set(cam_dir.rglob("*.png"))
+    other_files = set(other_dir.rglob("*.png"))
     assert len(cam_files) == 2 * len(dataset) and len(other_files) == len(dataset)
 
     before = set(dataset.get_field_schema())
@@ -231,7 +241,7 @@ def test_delete_run_removes_exactly_its_fields_and_files(dataset_name, cifar_dir
     assert before - after == {"cam", "cam_gt", "cam_prediction", "cam_error"}
     assert not any(p.exists() for p in cam_files)
     # only what the run wrote is gone
-    assert [p.name for p in (out / "cam").rglob("*")] == ["notes.txt"]
+    assert [p.name for p in cam_dir.rglob("*")] == ["notes.txt"]
     assert all(p.exists() for p in other_files)
     assert keep.read_text() == "mine"
     assert dataset.values("notes") == ["n"] * len(dataset)
@@ -242,11 +252,10 @@ _KILL_SCRIPT = textwrap.dedent(
     """
     import sys
     import fiftyone as fo
-    from cam_plugin.pipeline import CamRun
+    import cam_plugin
 
     dataset = fo.load_dataset(sys.argv[1])
-    run = CamRun(dataset, sys.argv[2], batch_size=4, num_workers=0, flush_every=8, device="cpu")
-    run.run()
+    cam_plugin.compute_cams(dataset, sys.argv[2], batch_size=4, num_workers=0, device="cpu")
     """
 )
 
@@ -285,7 +294,7 @@ def test_kill_and_resume(dataset_name, cifar_dir, resnet20, tmp_path):
     assert cam_plugin.get_run(dataset, "cam")["status"] == "completed"
 
     files_dir = Path(cam_plugin.get_run(dataset, "cam")["files_dir"])
-    files = sorted(p.name for p in files_dir.rglob("*") if p.is_file())
+    files = sorted(p.name for p in files_dir.rglob("*.png*") if p.is_file())
     ids = sorted(f"{sid}.png" for sid in dataset.values("id"))
     assert files == ids  # exactly one file per sample, no temporary files
     for sid, path in done_before.items():

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .torchscript import HookableScriptModule
+
 
 class CamError(ValueError):
     """A model, layer or target that cannot produce a class activation map."""
@@ -200,25 +202,73 @@ class LayerCapture:
         return False
 
 
-def register_output_hook(model, layer_name, hook):
-    """Registers ``hook(module, inputs, output)`` on the named layer.
+class _EagerLayers:
+    """The layers of an eager ``torch.nn.Module``: plain forward hooks."""
 
-    TorchScript models are supported through
-    :class:`cam_plugin.cams.torchscript.HookableScriptModule`.
+    #: ``torch.func.functional_call`` can lend the module other parameters
+    overrides_parameters = True
+
+    def __init__(self, model):
+        self.model = model
+
+    def register_hook(self, layer_name, hook):
+        try:
+            module = self.model.get_submodule(layer_name)
+        except AttributeError:
+            raise CamError(
+                f"The model has no layer named '{layer_name}'. "
+                f"Candidates: {', '.join(spatial_layer_names_hint(self.model))}"
+            ) from None
+
+        return module.register_forward_hook(hook)
+
+
+class _ScriptLayers:
+    """The layers of a TorchScript model wrapped in
+    :class:`cam_plugin.cams.torchscript.HookableScriptModule`, hooked through
+    its interpreter (TorchScript modules refuse Python forward hooks)."""
+
+    # the compiled graphs read the scripted module's own parameters, which
+    # torch.func.functional_call cannot swap
+    overrides_parameters = False
+
+    def __init__(self, model):
+        self.model = model
+
+    def register_hook(self, layer_name, hook):
+        return self.model.register_layer_hook(layer_name, hook)
+
+
+def layer_hooks(model):
+    """How to hook the layers of ``model``: the one place that tells eager
+    models from TorchScript ones, so that no other code needs to.
+
+    Returns:
+        an object with ``register_hook(layer_name, hook)`` (returning a
+        handle whose ``remove()`` removes the hook) and
+        ``overrides_parameters`` (whether ``torch.func.functional_call`` can
+        run the model with other parameters)
+
+    Raises:
+        CamError: for a TorchScript module that is not wrapped
     """
-    register = getattr(model, "register_layer_hook", None)
-    if register is not None:
-        return register(layer_name, hook)
+    if isinstance(model, HookableScriptModule):
+        return _ScriptLayers(model)
 
-    try:
-        module = model.get_submodule(layer_name)
-    except AttributeError:
+    if isinstance(model, torch.jit.ScriptModule):
         raise CamError(
-            f"The model has no layer named '{layer_name}'. "
-            f"Candidates: {', '.join(spatial_layer_names_hint(model))}"
-        ) from None
+            "TorchScript modules take no forward hooks: wrap it as "
+            "cam_plugin.cams.torchscript.HookableScriptModule(model), or pass "
+            "the saved file's path or the module to cam_plugin.load_classifier"
+        )
 
-    return module.register_forward_hook(hook)
+    return _EagerLayers(model)
+
+
+def register_output_hook(model, layer_name, hook):
+    """Registers ``hook(module, inputs, output)`` on the named layer, of an
+    eager model or a wrapped TorchScript one (see :func:`layer_hooks`)."""
+    return layer_hooks(model).register_hook(layer_name, hook)
 
 
 def spatial_layer_names_hint(model, limit=12):

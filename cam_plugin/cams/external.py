@@ -4,16 +4,20 @@ as ``"pgc:<ClassName>"``.
 That package min-max normalises every map to [0, 1] at the input size, so
 these maps carry no raw scale; they are offered for comparison with the
 methods it has and this plugin does not.
+
+The package is imported only when such a method is asked for, so it stays
+optional.
 """
 
 import torch
 
 from .capture import CamError
+from .registry import MethodSpec, register_prefix
 
 
 def pytorch_grad_cam_method(class_name):
-    from .methods import MethodSpec
-
+    """The :class:`MethodSpec` of the grad-cam package's class ``class_name``
+    (``"EigenGradCAM"``)."""
     try:
         import pytorch_grad_cam
         from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
@@ -53,3 +57,6 @@ def pytorch_grad_cam_method(class_name):
         f"grad-cam package's {class_name} (maps min-max normalised by that package)",
         full_resolution=True,
     )
+
+
+register_prefix("pgc:", pytorch_grad_cam_method)

@@ -8,6 +8,7 @@ import torch
 from .capture import CamError, LayerCapture, eval_mode, infer_layout, logits_of
 from .inference import InferenceModels, parallel_streams
 from .layers import check_layer, default_layer, probe_model
+from .registry import get_method
 
 
 class CamContext:
@@ -198,7 +199,7 @@ class CamExtractor:
 
     Args:
         model: a ``torch.nn.Module`` classifier in eval mode
-        method: a method name from :data:`cam_plugin.cams.methods.METHODS`
+        method: a method name from :data:`cam_plugin.cams.METHODS`
         input_shape: the (C, H, W) shape of one model input, for probing
         layer (None): the target layer name; None picks the default
         chunk_size (64): the most images per extra forward pass of the
@@ -220,8 +221,6 @@ class CamExtractor:
         chunk_size=64,
         autocast=False,
     ):
-        from .methods import get_method
-
         self.model = model
         self.method = get_method(method)
         self.chunk_size = chunk_size

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .capture import CamError, SpatialLayout, eval_mode, infer_layout, logits_of
-from .capture import register_output_hook
+from .capture import layer_hooks
 
 # Modules that only pool globally or rearrange: their output is never a
 # better CAM source than their input
@@ -117,16 +117,17 @@ def probe_model(model, input_shape, device=None):
 
         return hook
 
+    hooks = layer_hooks(model)
     handles = []
     try:
         for name in names:
-            handles.append(register_output_hook(model, name, make_hook(name)))
+            handles.append(hooks.register_hook(name, make_hook(name)))
 
         generator = torch.Generator().manual_seed(0)
         x = torch.randn((1,) + tuple(input_shape), generator=generator)
         x = x.to(device).requires_grad_(True)
         with eval_mode(model), torch.enable_grad():
-            logits = logits_of(_call_with_live_weights(model, x))
+            logits = logits_of(_call_with_live_weights(model, hooks, x))
             logits.max(dim=1).values.sum().backward()
     finally:
         for handle in handles:
@@ -223,12 +224,12 @@ def _names_hint(names, limit=15):
     return text
 
 
-def _call_with_live_weights(model, x):
+def _call_with_live_weights(model, hooks, x):
     # Freshly initialised models often zero their classifier (torchvision's
     # ViT does), which would make every gradient zero. Dependency is a
     # property of the structure, so the probe lends all-zero weights small
-    # random values for this one call
-    if not hasattr(model, "register_layer_hook"):
+    # random values for this one call (where the model can be lent weights)
+    if hooks.overrides_parameters:
         generator = torch.Generator().manual_seed(1)
         overrides = {}
         for name, p in model.named_parameters():

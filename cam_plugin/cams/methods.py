@@ -7,21 +7,11 @@ formulas follow the papers cited beside each function and, where they
 differ in details, the reference implementation ``pytorch-grad-cam``.
 """
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
-from .capture import CamError
-
-
-@dataclass(frozen=True)
-class MethodSpec:
-    name: str
-    fn: callable
-    needs_gradients: bool
-    description: str
-    full_resolution: bool = False
+# METHODS and get_method are re-exported: they are this module's public names
+from .registry import METHODS, MethodSpec, get_method, register  # noqa: F401
 
 
 def _weighted_sum(weights, activations):
@@ -216,44 +206,19 @@ def guided_gradcam(ctx, classes):
     return up * saliency
 
 
-METHODS = {
-    spec.name: spec
-    for spec in (
-        MethodSpec("cam", cam, False, "CAM: classifier weights on the feature maps (GAP + linear heads)"),
-        MethodSpec("gradcam", gradcam, True, "Grad-CAM: channels weighted by mean gradient"),
-        MethodSpec("gradcam++", gradcam_plusplus, True, "Grad-CAM++: higher-order gradient weights, better for several instances"),
-        MethodSpec("xgradcam", xgradcam, True, "XGrad-CAM: gradient weights normalised by activation"),
-        MethodSpec("layercam", layercam, True, "Layer-CAM: element-wise positive gradients, finer detail"),
-        MethodSpec("hirescam", hirescam, True, "HiResCAM: element-wise gradient x activation, faithful"),
-        MethodSpec("scorecam", scorecam, False, "Score-CAM: gradient-free, channels scored by masked forward passes (slow)"),
-        MethodSpec("eigencam", eigencam, False, "Eigen-CAM: first principal component of the activations (class-agnostic)"),
-        MethodSpec("ablationcam", ablationcam, False, "Ablation-CAM: score drop when each channel is removed (slow)"),
-        MethodSpec("guided-gradcam", guided_gradcam, True, "Guided Grad-CAM: Grad-CAM x guided backprop, full resolution", full_resolution=True),
-        MethodSpec("gradcam-counterfactual", gradcam_counterfactual, True, "Counterfactual Grad-CAM: regions that argue against the class"),
-    )
-}
+for _spec in (
+    MethodSpec("cam", cam, False, "CAM: classifier weights on the feature maps (GAP + linear heads)"),
+    MethodSpec("gradcam", gradcam, True, "Grad-CAM: channels weighted by mean gradient"),
+    MethodSpec("gradcam++", gradcam_plusplus, True, "Grad-CAM++: higher-order gradient weights, better for several instances"),
+    MethodSpec("xgradcam", xgradcam, True, "XGrad-CAM: gradient weights normalised by activation"),
+    MethodSpec("layercam", layercam, True, "Layer-CAM: element-wise positive gradients, finer detail"),
+    MethodSpec("hirescam", hirescam, True, "HiResCAM: element-wise gradient x activation, faithful"),
+    MethodSpec("scorecam", scorecam, False, "Score-CAM: gradient-free, channels scored by masked forward passes (slow)"),
+    MethodSpec("eigencam", eigencam, False, "Eigen-CAM: first principal component of the activations (class-agnostic)"),
+    MethodSpec("ablationcam", ablationcam, False, "Ablation-CAM: score drop when each channel is removed (slow)"),
+    MethodSpec("guided-gradcam", guided_gradcam, True, "Guided Grad-CAM: Grad-CAM x guided backprop, full resolution", full_resolution=True),
+    MethodSpec("gradcam-counterfactual", gradcam_counterfactual, True, "Counterfactual Grad-CAM: regions that argue against the class"),
+):
+    register(_spec)
 
-
-def get_method(name):
-    """Returns the :class:`MethodSpec` of a method name.
-
-    Names of the ``grad-cam`` package's classes (for example
-    ``"pgc:EigenGradCAM"``) select that package's implementation when it is
-    installed.
-    """
-    if isinstance(name, MethodSpec):
-        return name
-
-    key = str(name).strip().lower()
-    if key in METHODS:
-        return METHODS[key]
-
-    if key.startswith("pgc:"):
-        from .external import pytorch_grad_cam_method
-
-        return pytorch_grad_cam_method(str(name).strip()[4:])
-
-    raise CamError(
-        f"Unknown CAM method '{name}'. Available: {', '.join(METHODS)}, or "
-        "'pgc:<ClassName>' for a method of the installed grad-cam package"
-    )
+del _spec

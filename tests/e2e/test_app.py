@@ -20,7 +20,7 @@ from PIL import Image
 
 import fiftyone as fo
 
-from cam_plugin import demo
+import demo  # examples/demo.py, put on the path by conftest.py
 
 CHROMIUM_FLAGS = [
     "--no-sandbox",

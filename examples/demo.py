@@ -26,9 +26,12 @@ followed the cue with precision and recall near 1. Correct predictions
 on clear shapes keep about 40% of the mass in the tight box: the evidence
 for a shape is its outline, and the maps spill over it.
 
-Run it as::
+It is an example of using the library, not part of it: run it (with
+``cam_plugin`` installed, ``make setup``) as::
 
-    python -m cam_plugin.demo --dir DIR [--seed N] [--app]
+    python examples/demo.py --dir DIR [--seed N] [--app]
+
+or ``make demo`` / ``make app``.
 
 Images, records and the trained weights are kept in ``DIR`` and reused by a
 later run with the same seed and configuration. Set
@@ -467,7 +470,7 @@ def train_model(records, seed=0, config=None, cache_dir=None, num_threads=1, log
         a :class:`cam_plugin.Classifier` (module in eval mode, transforms,
         class names)
     """
-    from . import Classifier
+    from cam_plugin import Classifier
 
     config = config or DemoConfig()
     key = config.model_key(seed)
@@ -839,10 +842,10 @@ def run_demo(
 
 
 def main(argv=None):
-    """The command line: ``python -m cam_plugin.demo --dir DIR [--app]
+    """The command line: ``python examples/demo.py --dir DIR [--app]
     [--seed N]``."""
     parser = argparse.ArgumentParser(
-        prog="python -m cam_plugin.demo",
+        prog="python examples/demo.py",
         description="Trains a small CNN on synthetic shapes with a planted "
         "background cue and shows, with Grad-CAM, where it looks.",
     )

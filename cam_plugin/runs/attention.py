@@ -1,27 +1,29 @@
-"""Attention metrics of a dataset's heatmaps against its labelled regions,
-written as scalar fields the App can filter on.
+"""The attention run type: metrics of a dataset's heatmaps against its
+labelled regions, written as scalar fields the App can filter on.
 
 For a heatmap field ``F`` (and its ground-truth-class twin ``F_gt``, which
 uses the same region) this writes ``F_object_energy``, ``F_object_area``,
 ``F_pointing_hit`` and ``F_border_energy``, plus ``F_pred_gt_agreement``
 (top-20% IoU of the two maps). See :mod:`cam_plugin.metrics` for the
-definitions.
+definitions. A sample whose map cannot be read, or is zero everywhere,
+gets ``F_attention_error`` instead.
 """
 
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 
 import fiftyone as fo
-import fiftyone.core.utils as fou
 
-from . import runs
-from .heatmaps import read_levels
-from .images import ImageError, displayed_size
-from .metrics import attention_metrics, top_fraction_iou
-from .regions import default_region_classes, region_labels, region_mask
+from ..engine import ErrorKind, SampleError
+from ..heatmaps import read_levels
+from ..images import ImageError, displayed_size
+from ..metrics import attention_metrics, top_fraction_iou
+from ..regions import default_region_classes, region_labels, region_mask
+from ..store.writer import SampleOutput
+from . import records
+from .base import RunType, check_collection
 
 REGION_METRICS = ("object_energy", "object_area", "pointing_hit")
 AGREEMENT = "pred_gt_agreement"
@@ -52,16 +54,18 @@ def _embedded_type(samples, field_name):
 
 
 def _cam_run_of(samples, heatmap_field):
-    owner = runs.field_owners(samples).get(heatmap_field)
+    owner = records.field_owners(samples).get(heatmap_field)
     if owner is None:
         return None, {}
-    config = runs.get_run(samples, owner)
-    return (owner, config) if config.get("method") == runs.CAM_RUN else (None, {})
+    config = records.get_run(samples, owner)
+    return (owner, config) if config.get("method") == records.CAM_RUN else (None, {})
 
 
-class AttentionRun:
-    """One call of :func:`cam_plugin.compute_attention`: validated on
-    construction, executed by :meth:`run`."""
+class AttentionRunType(RunType):
+    """One :func:`cam_plugin.compute_attention` run: validated on
+    construction, executed by the driver."""
+
+    method = records.ATTENTION_RUN
 
     def __init__(
         self,
@@ -77,11 +81,10 @@ class AttentionRun:
         border=0.1,
         top_fraction=0.2,
         run_key=None,
-        overwrite=False,
         batch_size=256,
         device=None,
-        progress=None,
     ):
+        check_collection(samples)
         self.samples = samples
         self.dataset = samples._root_dataset
         self.heatmap_field = heatmap_field
@@ -92,9 +95,7 @@ class AttentionRun:
         self.border = float(border)
         self.top_fraction = float(top_fraction)
         self.key = run_key or f"{heatmap_field}_attention"
-        self.overwrite = overwrite
         self.batch_size = batch_size
-        self.progress = progress
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
         if _embedded_type(samples, heatmap_field) is not fo.Heatmap:
@@ -141,17 +142,20 @@ class AttentionRun:
         )
 
         self.map_fields = [heatmap_field] + ([gt_heatmap_field] if gt_heatmap_field else [])
-        self.fields = {}
+        self._fields = {}
         for f in self.map_fields:
             if region_field is not None:
-                self.fields[metric_field(f, "object_energy")] = (fo.FloatField, None)
-                self.fields[metric_field(f, "object_area")] = (fo.FloatField, None)
-                self.fields[metric_field(f, "pointing_hit")] = (fo.BooleanField, None)
-            self.fields[metric_field(f, "border_energy")] = (fo.FloatField, None)
+                self._fields[metric_field(f, "object_energy")] = (fo.FloatField, None)
+                self._fields[metric_field(f, "object_area")] = (fo.FloatField, None)
+                self._fields[metric_field(f, "pointing_hit")] = (fo.BooleanField, None)
+            self._fields[metric_field(f, "border_energy")] = (fo.FloatField, None)
         if gt_heatmap_field:
-            self.fields[metric_field(heatmap_field, AGREEMENT)] = (fo.FloatField, None)
+            self._fields[metric_field(heatmap_field, AGREEMENT)] = (fo.FloatField, None)
+        self.error_field = metric_field(heatmap_field, "attention_error")
+        self._fields[self.error_field] = (fo.StringField, None)
+        self.done_fields = (metric_field(heatmap_field, "border_energy"),)
 
-        runs.check_new_fields(samples, self.key, self.fields, overwrite=overwrite)
+        records.check_fields(samples, self.key, self._fields)
 
     def config(self):
         return {
@@ -165,34 +169,22 @@ class AttentionRun:
             "tolerance": self.tolerance,
             "border": self.border,
             "top_fraction": self.top_fraction,
-            "fields": list(self.fields),
-            "depends_on": [self.cam_key] if self.cam_key else [],
         }
 
-    def run(self):
-        """Computes and writes the metrics; returns a summary dict."""
-        started = time.time()
-        runs.start_run(
-            self.samples, self.key, runs.ATTENTION_RUN, self.config(), overwrite=self.overwrite
-        )
-        runs.ensure_fields(self.dataset, self.fields)
+    def fields(self):
+        return dict(self._fields)
 
-        ids = self.samples.exists(self.heatmap_field).values("id")
-        counts = {"samples": 0, "without_region": 0, "errors": 0}
-        with ThreadPoolExecutor(max_workers=4) as pool, fou.ProgressBar(
-            total=len(ids), progress=self.progress
-        ) as pb:
+    def depends_on(self):
+        return [self.cam_key] if self.cam_key else []
+
+    def candidates(self, view):
+        # samples without a map (failed CAMs) have nothing to measure
+        return view.exists(self.heatmap_field)
+
+    def outputs(self, ids, files):
+        with ThreadPoolExecutor(max_workers=4) as pool:
             for start in range(0, len(ids), self.batch_size):
-                chunk = ids[start : start + self.batch_size]
-                values = self._compute_chunk(chunk, pool, counts)
-                for field_name, by_id in values.items():
-                    if by_id:
-                        self.dataset.set_values(field_name, by_id, key_field="id")
-                pb.update(count=len(chunk))
-
-        runs.update_run(self.samples, self.key, status="completed", counts=counts)
-        runs.ensure_fields(self.dataset, self.fields)
-        return dict(counts, key=self.key, seconds=time.time() - started)
+                yield self._compute_chunk(ids[start : start + self.batch_size], pool)
 
     def _read(self, chunk):
         paths = ["filepath", "metadata", self.heatmap_field]
@@ -202,16 +194,12 @@ class AttentionRun:
         view = self.samples.select(chunk, ordered=True)
         return dict(zip(paths, view.values(paths)))
 
-    def _compute_chunk(self, chunk, pool, counts):
+    def _compute_chunk(self, chunk, pool):
         data = self._read(chunk)
         n = len(chunk)
-        out = {name: {} for name in self.fields}
+        out = {name: {} for name in self._fields}
 
-        maps = {}
-        for f in self.map_fields:
-            labels = data[f]
-            loaded = list(pool.map(_load_map, labels))
-            maps[f] = loaded
+        maps = {f: list(pool.map(_load_map, data[f])) for f in self.map_fields}
 
         regions = [None] * n
         tolerances = [self.tolerance] * n
@@ -223,7 +211,7 @@ class AttentionRun:
             image_w = self._image_width(data["filepath"][i], data["metadata"][i], w, h)
             tolerances[i] = round(self.tolerance * w / image_w * 2) / 2 if image_w else self.tolerance
             if self.region_field is not None:
-                regions[i] = self._region(data, i, w, h, counts)
+                regions[i] = self._region(data, i, w, h)
 
         for f in self.map_fields:
             groups = {}
@@ -258,13 +246,27 @@ class AttentionRun:
                 for i, v in zip(rows, iou.tolist()):
                     out[agreement_field][chunk[i]] = _as_field_value(v, AGREEMENT)
 
-        counts["samples"] += sum(m is not None for m in maps[self.heatmap_field])
-        return out
+        border_field = metric_field(self.heatmap_field, "border_energy")
+        batch = []
+        for i, sample_id in enumerate(chunk):
+            values = {name: by_id.get(sample_id) for name, by_id in out.items()}
+            error = None
+            if maps[self.heatmap_field][i] is None:
+                label = data[self.heatmap_field][i]
+                where = getattr(label, "map_path", None) or "its map"
+                error = SampleError(i, ErrorKind.INPUT, f"the heatmap {where} cannot be read")
+            elif values[border_field] is None:
+                error = SampleError(
+                    i, ErrorKind.INPUT, "the heatmap is zero everywhere: there is no attention to measure"
+                )
+            if error is not None:
+                values[self.error_field] = error.message
+            batch.append(SampleOutput(sample_id, values, error=error))
+        return batch
 
-    def _region(self, data, i, width, height, counts):
+    def _region(self, data, i, width, height):
         label = data[self.region_field][i]
         if label is None:
-            counts["without_region"] += 1
             return None
 
         if self.region_classes == "all":
@@ -318,7 +320,3 @@ def _as_field_value(value, metric):
         return bool(value)
     return float(value)
 
-
-def compute_attention(samples, heatmap_field="cam", region_field=None, **kwargs):
-    """See :func:`cam_plugin.compute_attention`."""
-    return AttentionRun(samples, heatmap_field, region_field, **kwargs).run()

@@ -1,0 +1,40 @@
+"""Typed per-sample failures: what went wrong with one sample, never an
+exception that stops the run."""
+
+import enum
+from dataclasses import dataclass
+
+
+class ErrorKind(enum.Enum):
+    """Why a sample failed; the value is the short reason shown in summaries
+    and at the start of the stored message."""
+
+    IMAGE = "image could not be read"
+    PREPROCESS = "preprocessing failed"
+    COMPUTE = "computation failed"
+    OUT_OF_MEMORY = "out of GPU memory"
+    INPUT = "input missing"
+
+
+@dataclass(frozen=True)
+class SampleError:
+    """One sample's failure.
+
+    Attributes:
+        index: the sample's position in the run's input lists
+        kind: an :class:`ErrorKind`
+        detail: what exactly failed (names the file where there is one)
+    """
+
+    index: int
+    kind: ErrorKind
+    detail: str
+
+    @property
+    def reason(self):
+        return self.kind.value
+
+    @property
+    def message(self):
+        """``"<reason>: <detail>"``, the text stored on the sample."""
+        return f"{self.kind.value}: {self.detail}"

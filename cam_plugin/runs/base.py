@@ -1,0 +1,548 @@
+"""The run-type contract and the driver every kind of run goes through.
+
+A run type (after fiftyone-brain's ``BrainMethodConfig`` / ``BrainMethod``)
+is a small class that validates its inputs on construction and declares:
+
+-   :attr:`RunType.method`: its name in FiftyOne's run registry
+-   :meth:`RunType.config`: what it computes, the identity used to resume
+    (stable across processes) and, with the driver's state, its record
+-   :meth:`RunType.fields`: the fields it owns (created, written, deleted by
+    it and nothing else); :attr:`RunType.done_fields` /
+    :attr:`RunType.error_field`: when a sample counts as done
+-   :attr:`RunType.file_targets`: the subfolders of its own file directory
+-   :meth:`RunType.depends_on`: the runs whose outputs it reads
+-   :meth:`RunType.outputs`: the only real work, batches of
+    :class:`~cam_plugin.store.writer.SampleOutput` for the samples to do
+    (a failed sample's output carries its typed error)
+
+The driver (:func:`iter_execute`) does the rest for all of them: register or
+resume the record, claim shards, pick the samples not yet done, write each
+sample's outputs in one update after its files, heartbeat, stop if the run
+is deleted or its shard taken over, and derive the status from the data.
+Cleanup is :func:`cam_plugin.runs.records.delete_run`: owned fields, owned
+files, dependent runs.
+"""
+
+import hashlib
+import inspect
+import logging
+import os
+import re
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import fiftyone as fo
+import fiftyone.core.utils as fou
+
+from ..heatmaps import PngWriter
+from ..store.files import FilesError, RunFiles, run_dir
+from ..store.writer import SampleOutput, SampleWriter
+from . import records
+from .records import RunError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RunSummary:
+    """What one call of a run did.
+
+    Attributes:
+        key: the run key
+        processed: samples completed in this call
+        failed: samples that failed in this call (see ``errors``)
+        skipped: samples of the view already done before this call
+        errors: counts of failure reasons in this call
+        fields: the fields the run owns
+        files_dir: where its files are
+        resumed: whether this call continued an existing run
+        seconds: wall time of this call
+        status: the run's status afterwards (``completed`` when every
+            sample of the view is done)
+        shards: the shards this call ran
+        busy_shards: shards skipped because a live worker holds them
+        queued: the delegated operation ids, when the call queued shards
+    """
+
+    key: str
+    processed: int = 0
+    failed: int = 0
+    skipped: int = 0
+    errors: dict = field(default_factory=dict)
+    fields: list = field(default_factory=list)
+    files_dir: str = ""
+    resumed: bool = False
+    seconds: float = 0.0
+    status: str = ""
+    shards: list = field(default_factory=list)
+    busy_shards: list = field(default_factory=list)
+    queued: list = field(default_factory=list)
+
+    def __str__(self):
+        if self.queued:
+            return f"Run '{self.key}': {len(self.queued)} shard(s) queued for delegated workers"
+        text = (
+            f"Run '{self.key}': {self.processed} processed, {self.failed} "
+            f"failed, {self.skipped} already done ({self.seconds:.1f} s), {self.status}"
+        )
+        if self.busy_shards:
+            text += f"; shards {self.busy_shards} are held by other live workers"
+        for reason, count in sorted(self.errors.items(), key=lambda x: -x[1]):
+            text += f"\n  {count} x {reason}"
+        return text
+
+
+class RunType:
+    """The contract of a kind of run; see the module docstring.
+
+    Subclasses set :attr:`method`, :attr:`key`, :attr:`samples` and the
+    attributes below in their constructor (which validates everything, so
+    that a refused run has written nothing).
+    """
+
+    method = None
+    #: a sample is done when one of these fields is set
+    done_fields = ()
+    #: the field holding why a sample failed, or None
+    error_field = None
+    #: subfolders of the run's file directory (empty: the run writes no files)
+    file_targets = ()
+
+    def config(self):
+        """The run's identity: a JSON-serialisable dict of what it computes."""
+        raise NotImplementedError
+
+    def fields(self):
+        """The fields the run owns: name -> ``(ftype, embedded_doc_type)``."""
+        raise NotImplementedError
+
+    def depends_on(self):
+        """Keys of the runs whose outputs this run reads."""
+        return []
+
+    def candidates(self, view):
+        """The samples this run applies to (by default all of the view)."""
+        return view
+
+    def outputs(self, ids, files):
+        """Computes the samples ``ids``; yields lists of
+        :class:`~cam_plugin.store.writer.SampleOutput`, one list per batch.
+        ``files`` is the run's :class:`~cam_plugin.store.files.RunFiles`
+        (None when it writes no files)."""
+        raise NotImplementedError
+
+    def failure(self, sample_id, error):
+        """The output recording a sample's :class:`SampleError`."""
+        return SampleOutput(sample_id, {self.error_field: error.message}, error=error)
+
+    def finish(self, dataset):
+        """Called once a call has run its shards (App settings and the like)."""
+
+    def close(self):
+        """Releases what the run holds (the model's device, ...)."""
+
+
+def stable_identity(obj):
+    """A description of a callable or transform that is the same in every
+    process: functions by qualified name and a hash of their source (a
+    lambda's ``repr`` holds its address), objects by their ``repr`` with
+    addresses replaced the same way."""
+    import functools
+    import types
+
+    if obj is None or isinstance(obj, (str, int, float, bool)):
+        return repr(obj)
+    if isinstance(obj, functools.partial):
+        args = ", ".join(stable_identity(a) for a in obj.args)
+        kwargs = ", ".join(f"{k}={stable_identity(v)}" for k, v in sorted(obj.keywords.items()))
+        return f"partial({stable_identity(obj.func)}, {args}, {kwargs})"
+    if isinstance(obj, (types.FunctionType, types.MethodType, types.BuiltinFunctionType)):
+        return f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', obj)}#{_source_hash(obj)}"
+    transforms = getattr(obj, "transforms", None)
+    if isinstance(transforms, (list, tuple)) and type(obj).__name__ == "Compose":
+        return f"Compose({', '.join(stable_identity(t) for t in transforms)})"
+    lambd = getattr(obj, "lambd", None)
+    if callable(lambd):
+        return f"{type(obj).__qualname__}({stable_identity(lambd)})"
+    text = repr(obj)
+    if re.search(r" at 0x[0-9a-fA-F]+", text):
+        cls = type(obj)
+        state = {k: v for k, v in sorted(getattr(obj, "__dict__", {}).items())}
+        inner = ", ".join(f"{k}={stable_identity(v)}" for k, v in state.items())
+        return f"{cls.__module__}.{cls.__qualname__}#{_source_hash(cls)}({inner})"
+    return text
+
+
+def _source_hash(obj):
+    try:
+        source = inspect.getsource(obj)
+    except (OSError, TypeError):
+        source = getattr(getattr(obj, "__code__", None), "co_code", b"") or repr(obj)
+    if isinstance(source, str):
+        source = source.encode()
+    return hashlib.sha1(source).hexdigest()[:12]
+
+
+def shard_of(sample_id, num_shards):
+    """The shard a sample belongs to: a hash of its id, so shards are
+    disjoint, deterministic and independent of the view's order."""
+    if num_shards <= 1:
+        return 0
+    return int(hashlib.sha1(str(sample_id).encode()).hexdigest()[:8], 16) % num_shards
+
+
+def check_collection(samples):
+    """Refuses collections whose samples are not the dataset's own images
+    (patches, frames and clips views: results would be stored on a
+    generated dataset and never reach yours)."""
+    if getattr(samples, "_is_patches", False):
+        raise RunError(
+            "This is a patches view: its samples are generated crops whose "
+            "fields are not stored on your dataset. Run on the dataset of "
+            "images (for per-object maps, export the patches as images first)"
+        )
+    if getattr(samples, "_is_frames", False) or getattr(samples, "_is_clips", False):
+        raise RunError(
+            "Frames and clips views are not supported: run on an image dataset"
+        )
+    if samples.media_type == "video":
+        raise RunError("Video datasets are not supported: run on an image dataset")
+
+
+def group_slice_of(samples):
+    """The slice of a grouped dataset that is processed (None otherwise)."""
+    if samples.media_type == "group":
+        return samples.group_slice
+    return None
+
+
+def _todo_filter(run, view, retry_failed):
+    view = run.candidates(view)
+    for name in run.done_fields:
+        view = view.exists(name, False)
+    if run.error_field and not retry_failed:
+        view = view.exists(run.error_field, False)
+    return view
+
+
+def count_state(run, view):
+    """Counts derived from the data: ``samples`` in the view the run applies
+    to, ``processed`` (done), ``failed`` and ``todo``."""
+    view = run.candidates(view)
+    total = view.count()
+    done = view
+    for name in run.done_fields:
+        done = done.exists(name, False)
+    not_done = done.count()
+    failed = 0
+    if run.error_field:
+        failed = view.exists(run.error_field).count()
+    todo = not_done - failed if run.error_field else not_done
+    return {
+        "samples": total,
+        "processed": total - not_done,
+        "failed": failed,
+        "todo": max(0, todo),
+    }
+
+
+def _open_record(run, overwrite, num_shards, output_root):
+    """Registers the run or continues the existing one with its key.
+
+    Returns:
+        ``(record, config, resumed)``
+    """
+    samples = run.samples
+    dataset = samples._root_dataset
+    key = run.key
+    if not isinstance(key, str) or not key.isidentifier():
+        raise RunError(
+            f"Invalid run key '{key}': use letters, digits and underscores, "
+            "not starting with a digit"
+        )
+
+    identity = dict(run.config(), method=run.method)
+    dataset.reload()
+    if key in dataset.list_runs():
+        existing = records.get_run(samples, key)
+        if existing.get("method") not in records.RUN_METHODS:
+            raise RunError(
+                f"Run key '{key}' is used by another tool's run "
+                f"({existing.get('method')}); choose another key"
+            )
+        same = existing.get("method") == run.method and records.comparable(
+            existing
+        ) == records.comparable(identity)
+        live = records.live_shards(existing)
+        if overwrite or not same:
+            if not overwrite:
+                raise RunError(
+                    f"Run '{key}' already exists with a different configuration "
+                    f"({records.config_diff(existing, identity)}); choose another "
+                    "key, or pass overwrite=True to replace it"
+                )
+            if live:
+                raise RunError(_live_message(key, live, "cannot be replaced"))
+            records.delete_run(samples, key)
+        else:
+            record = records.RunRecord.of(samples, key)
+            return record, _continue(record, existing, run, num_shards, output_root, live), True
+
+    uid = records.new_uid()
+    root = output_root or default_output_root()
+    config = dict(
+        run.config(),
+        status="running",
+        counts={},
+        fields=list(run.fields()),
+        depends_on=run.depends_on(),
+        dataset_id=str(dataset._doc.id),
+        uid=uid,
+        num_shards=num_shards,
+        shards={},
+        group_slice=group_slice_of(samples),
+        output_root=os.path.abspath(os.path.expanduser(root)) if run.file_targets else None,
+        files_dir=run_dir(root, dataset.name, dataset._doc.id, key, uid) if run.file_targets else None,
+    )
+    _prepare_files(run, config)
+    record = records.register(samples, key, run.method, config)
+    return record, record.read(), False
+
+
+def _continue(record, existing, run, num_shards, output_root, live):
+    """Checks that a call may continue an existing run and adapts the
+    record: a clone gets files of its own; another shard count re-shards
+    when no worker is live."""
+    dataset = run.samples._root_dataset
+    updates = {}
+    if output_root is not None and run.file_targets:
+        root = os.path.abspath(os.path.expanduser(output_root))
+        if root != existing.get("output_root"):
+            raise RunError(
+                f"Run '{run.key}' keeps its files under {existing.get('output_root')}; "
+                f"to continue it, leave output_dir out or pass that directory (got "
+                f"{root}); to start over elsewhere, pass overwrite=True"
+            )
+
+    if str(existing.get("dataset_id")) != str(dataset._doc.id):
+        # a clone's copy of the run: the files it points to are the other
+        # dataset's; new ones go to a directory of this dataset's own
+        uid = records.new_uid()
+        root = existing.get("output_root") or default_output_root()
+        updates.update(
+            dataset_id=str(dataset._doc.id),
+            uid=uid,
+            shards={},
+            foreign_files_dirs=(existing.get("foreign_files_dirs") or [])
+            + ([existing["files_dir"]] if existing.get("files_dir") else []),
+        )
+        if run.file_targets:
+            updates["files_dir"] = run_dir(root, dataset.name, dataset._doc.id, run.key, uid)
+        live = {}
+
+    if num_shards != existing.get("num_shards", 1):
+        if live:
+            raise RunError(_live_message(run.key, live, f"cannot be re-sharded into {num_shards}"))
+        updates.update(num_shards=num_shards, shards={})
+
+    if updates:
+        record.update(**updates)
+    config = record.read()
+    _prepare_files(run, config)
+    return config
+
+
+def _prepare_files(run, config):
+    if not run.file_targets:
+        return
+    files = _run_files(config)
+    files.prepare()
+    files.make_target_dirs(run.file_targets)
+
+
+def _run_files(config):
+    return RunFiles(config["files_dir"], records.files_owner(config))
+
+
+def _live_message(key, live, what):
+    holders = ", ".join(
+        f"shard {k} ({s['worker'].get('host')} pid {s['worker'].get('pid')})" for k, s in sorted(live.items())
+    )
+    return f"Run '{key}' {what} while workers run it: {holders}; wait for them or stop them first"
+
+
+def default_output_root():
+    return os.path.join(fo.config.default_dataset_dir, "cam_plugin_files")
+
+
+class _Heartbeat(threading.Thread):
+    """Refreshes a held shard's heartbeat in the background, so a long
+    batch never makes a live worker look dead; notices when the shard is
+    lost (the run deleted, or the shard taken over as stale)."""
+
+    def __init__(self, record, shard, token):
+        super().__init__(daemon=True, name=f"cam-plugin-heartbeat-{shard}")
+        self.record, self.shard, self.token = record, shard, token
+        self.lost = False
+        self._stop_event = threading.Event()
+
+    def run(self):
+        while not self._stop_event.wait(records.HEARTBEAT_S):
+            try:
+                if not self.record.heartbeat(self.shard, self.token):
+                    self.lost = True
+                    return
+            except Exception:  # a database hiccup: try again next beat
+                logger.warning("heartbeat of shard %s failed", self.shard, exc_info=True)
+
+    def stop(self):
+        self._stop_event.set()
+
+
+#: the longest time results wait in memory before they are written (a kill
+#: loses at most this much work)
+FLUSH_SECONDS = float(os.environ.get("CAM_PLUGIN_FLUSH_SECONDS", 2.0))
+
+
+def iter_execute(run, *, shard=None, num_shards=1, overwrite=False, retry_failed=False,
+                 output_root=None, progress=None, flush_seconds=None):
+    """Executes a run as a generator that yields ``(done, total)`` after
+    each batch and returns a :class:`RunSummary`.
+
+    Args:
+        run: a :class:`RunType`
+        shard (None): run only this shard; None runs every shard no live
+            worker holds, one after the other
+        num_shards (1): into how many disjoint shards the view is split
+        overwrite (False): replace an existing run with this key (its
+            fields and files) instead of continuing it
+        retry_failed (False): compute the samples that failed before again
+        output_root (None): where run directories go (default under
+            FiftyOne's default dataset dir)
+        progress (None): a progress bar (True/False) or a callback
+        flush_seconds (None): the longest time results wait in memory;
+            default :data:`FLUSH_SECONDS`
+    """
+    if flush_seconds is None:
+        flush_seconds = FLUSH_SECONDS
+    started = time.time()
+    if shard is not None and not 0 <= shard < num_shards:
+        raise RunError(f"shard must be in [0, {num_shards}), got {shard}")
+    samples = run.samples
+    dataset = samples._root_dataset
+    record, config, resumed = _open_record(run, overwrite, num_shards, output_root)
+    fields = run.fields()
+    records.ensure_fields(dataset, fields)
+
+    files = _run_files(config) if run.file_targets else None
+    if files is not None:
+        files.remove_temporary()
+
+    summary = RunSummary(
+        key=run.key, fields=list(fields), files_dir=config.get("files_dir") or "", resumed=resumed
+    )
+    todo = _todo_filter(run, samples, retry_failed)
+    all_ids = todo.values("id")
+    summary.skipped = count_state(run, samples)["samples"] - len(all_ids)
+    errors = Counter()
+
+    shards = [shard] if shard is not None else list(range(num_shards))
+    try:
+        for s in shards:
+            ids = [i for i in all_ids if shard_of(i, num_shards) == s]
+            token = records.new_token()
+            holder = record.claim(s, token)
+            if holder is not None:
+                if shard is not None:
+                    raise RunError(_live_message(run.key, {s: holder}, f"shard {s} is held"))
+                summary.busy_shards.append(s)
+                continue
+            summary.shards.append(s)
+            yield from _run_shard(run, record, s, token, ids, files, summary, errors, progress, flush_seconds)
+        summary.errors = dict(errors)
+        run.finish(dataset)
+    finally:
+        run.close()
+        summary.seconds = time.time() - started
+        if record.exists():
+            counts = count_state(run, samples)
+            state = records.get_run(samples, run.key)
+            live = records.live_shards(state)
+            status = "completed" if counts["todo"] == 0 and not live else "running"
+            record.update(status=status, counts=dict(counts, errors=_error_reasons(run, samples)))
+            summary.status = status
+            records.ensure_fields(dataset, fields)
+    return summary
+
+
+def _run_shard(run, record, shard, token, ids, files, summary, errors, progress, flush_seconds):
+    heartbeat = _Heartbeat(record, shard, token)
+    heartbeat.start()
+
+    def check_held():
+        if heartbeat.lost or not record.exists():
+            raise _lost(run, record, shard)
+
+    status = "failed"
+    try:
+        with PngWriter(num_threads=max(1, min(8, (os.cpu_count() or 2) // 2))) as png:
+            writer = SampleWriter(
+                run.samples._root_dataset,
+                list(run.fields()),
+                png,
+                flush_seconds=flush_seconds,
+                before_write=check_held,
+            )
+            try:
+                with fou.ProgressBar(total=len(ids), progress=progress) as pb:
+                    done = 0
+                    for batch in run.outputs(ids, files):
+                        for output in batch:
+                            if output.error is not None:
+                                errors[output.error.reason] += 1
+                                summary.failed += 1
+                            else:
+                                summary.processed += 1
+                            writer.add(output)
+                        done += len(batch)
+                        pb.update(count=len(batch))
+                        yield summary.processed + summary.failed, len(ids)
+            finally:
+                # keep what is done, even when interrupted
+                writer.flush()
+        status = "done"
+    except FilesError as e:
+        if not record.exists():
+            raise _lost(run, record, shard) from e
+        raise RunError(f"Run '{run.key}' stopped: {e}") from e
+    finally:
+        heartbeat.stop()
+        if record.exists():
+            record.release(shard, token, status)
+
+
+def _lost(run, record, shard):
+    if not record.exists():
+        return RunError(
+            f"Run '{run.key}' was deleted while it was running (delete_run or "
+            "another process); this worker stopped without writing further results"
+        )
+    return RunError(
+        f"Shard {shard} of run '{run.key}' was taken over by another worker "
+        "(this one's heartbeat had gone stale); this worker stopped so that "
+        "no two write the same samples"
+    )
+
+
+def _error_reasons(run, samples):
+    """Failure reasons counted from the stored messages (``"<reason>:
+    <detail>"``)."""
+    if not run.error_field:
+        return {}
+    counts = Counter()
+    for message, n in samples.count_values(run.error_field).items():
+        if message is not None:
+            counts[message.split(": ", 1)[0]] += n
+    return dict(counts)

@@ -1,0 +1,345 @@
+"""The CAM run type: per sample, the prediction and one class activation map
+per target, as ``fo.Classification`` and ``fo.Heatmap`` fields whose PNGs
+live in the run's own directory."""
+
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+
+import fiftyone as fo
+
+from .. import appearance
+from ..batches import compute_batch
+from ..cams import CamError, CamExtractor
+from ..engine import BatchRunner, SampleError, image_loader, run_loader
+from ..heatmaps import HEATMAP_RANGE
+from ..models import input_shape_of, load_classifier
+from ..store.files import safe_name
+from ..store.writer import SampleOutput
+from . import records
+from .base import RunType, check_collection, stable_identity
+
+METHOD = records.CAM_RUN
+
+
+@dataclass
+class Target:
+    """One map per sample: its name (also its folder), field and how its
+    class is chosen."""
+
+    name: str
+    field: str
+    pick: callable = None
+    spec: str = ""
+
+
+def parse_targets(targets, heatmap_field, classes, has_labels):
+    """Turns target names into :class:`Target` objects.
+
+    ``"pred"`` (the predicted class, in ``heatmap_field``), ``"gt"`` (the
+    ground-truth class, in ``<heatmap_field>_gt``), ``"top<k>"`` (the 2nd
+    to k-th predicted classes, in ``<heatmap_field>_top2`` ...) and
+    ``"class:<name>"`` (a named class, in ``<heatmap_field>_<safe name>``;
+    the name is reduced to letters, digits and underscores, so no class
+    name can reach outside the run's directory).
+    """
+    if targets is None:
+        targets = ["pred", "gt"] if has_labels else ["pred"]
+    elif isinstance(targets, str):
+        targets = [targets]
+
+    result = []
+    for t in targets:
+        t = str(t).strip()
+        if t == "pred":
+            result.append(Target("pred", heatmap_field, lambda logits, gt: logits.argmax(1)))
+        elif t == "gt":
+            if not has_labels:
+                raise CamError("Target 'gt' needs label_field, the ground-truth labels")
+            result.append(Target("gt", f"{heatmap_field}_gt", lambda logits, gt: gt))
+        elif re.fullmatch(r"top\d+", t):
+            k = int(t[3:])
+            if k < 1:
+                raise CamError(f"Invalid target '{t}'")
+            if k == 1:
+                result.append(Target("pred", heatmap_field, lambda logits, gt: logits.argmax(1)))
+            for rank in range(2, k + 1):
+                pick = lambda logits, gt, r=rank: logits.topk(r, dim=1).indices[:, r - 1]
+                result.append(Target(f"top{rank}", f"{heatmap_field}_top{rank}", pick))
+        elif t.startswith("class:"):
+            name = t[len("class:") :]
+            if not classes or name not in classes:
+                raise CamError(
+                    f"Target class '{name}' is not among the model's classes"
+                    + (f" ({', '.join(classes[:10])}, ...)" if classes else "")
+                )
+            index = classes.index(name)
+            safe = safe_name(name, fallback=f"class{index}").lower().replace("-", "_")
+            pick = lambda logits, gt, i=index: torch.full_like(logits[:, 0], i, dtype=torch.long)
+            result.append(Target(f"class_{safe}", f"{heatmap_field}_{safe}", pick, t))
+        else:
+            raise CamError(
+                f"Unknown target '{t}': use 'pred', 'gt', 'top<k>' or 'class:<name>'"
+            )
+
+    unique = {}
+    for t in result:
+        other = unique.get(t.field)
+        if other is not None and (other.name, other.spec) != (t.name, t.spec):
+            raise CamError(
+                f"Targets '{other.spec or other.name}' and '{t.spec or t.name}' would "
+                f"both be stored in field '{t.field}'; ask for one of them"
+            )
+        unique[t.field] = t
+    return list(unique.values())
+
+
+class CamRunType(RunType):
+    """One :func:`cam_plugin.compute_cams` run: validated on construction
+    (nothing is written when it refuses), executed by the driver."""
+
+    method = METHOD
+
+    def __init__(
+        self,
+        samples,
+        model,
+        label_field=None,
+        pred_field="cam_prediction",
+        heatmap_field="cam",
+        method="gradcam",
+        target_layer=None,
+        classes=None,
+        transforms=None,
+        targets=None,
+        batch_size=None,
+        num_workers=None,
+        device=None,
+        mixed_precision=False,
+        heatmap_size=256,
+        run_key=None,
+        chunk_size=None,
+        trust_checkpoint=False,
+    ):
+        check_collection(samples)
+        self.samples = samples
+        self.dataset = samples._root_dataset
+        self.key = run_key or heatmap_field
+        self.label_field = label_field
+        self.pred_field = pred_field
+        self.heatmap_field = heatmap_field
+        self.error_field = f"{heatmap_field}_error"
+        self.done_fields = (pred_field,)
+        self.heatmap_size = heatmap_size
+        self.model_spec = model if isinstance(model, (str, os.PathLike)) else None
+
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.classifier = load_classifier(
+            model, transforms=transforms, classes=classes, trust_checkpoint=trust_checkpoint
+        )
+        self.batch_size = batch_size or (64 if self.device.type == "cuda" else 16)
+        self.num_workers = (
+            num_workers if num_workers is not None else min(8, max(1, (os.cpu_count() or 2) // 2))
+        )
+
+        self._check_label_field()
+        self.targets = parse_targets(
+            targets, heatmap_field, self.classifier.classes, label_field is not None
+        )
+        self.file_targets = tuple(t.name for t in self.targets)
+
+        self._fields = {pred_field: (fo.EmbeddedDocumentField, fo.Classification)}
+        for t in self.targets:
+            self._fields[t.field] = (fo.EmbeddedDocumentField, fo.Heatmap)
+        self._fields[self.error_field] = (fo.StringField, None)
+        if len(self._fields) < 2 + len(self.targets):
+            raise CamError(
+                f"pred_field '{pred_field}' and the heatmap fields "
+                f"({', '.join(t.field for t in self.targets)}) must all differ"
+            )
+        records.check_fields(samples, self.key, self._fields)
+
+        # the model moves to the device for the run and back afterwards
+        module = self.classifier.module
+        self._restore_device = _module_device(module)
+        module.to(self.device)
+        try:
+            self.input_shape = input_shape_of(self.classifier.transforms)
+            self.extractor = CamExtractor(
+                module,
+                method,
+                self.input_shape,
+                layer=target_layer,
+                chunk_size=chunk_size or (256 if self.device.type == "cuda" else 64),
+                autocast=mixed_precision,
+            )
+            self._check_class_count()
+        except BaseException:
+            module.to(self._restore_device)
+            raise
+
+    def _check_class_count(self):
+        names = self.classifier.classes
+        if not names:
+            return
+        num_outputs = self.extractor.num_outputs
+        if num_outputs != len(names):
+            raise CamError(
+                f"The model has {num_outputs} outputs but {len(names)} class "
+                f"names were given ({', '.join(map(str, names[:5]))}"
+                f"{', ...' if len(names) > 5 else ''}); pass one name per "
+                "output, in output order"
+            )
+
+    def _check_label_field(self):
+        if self.label_field is None:
+            self._gt_index = None
+            return
+
+        field = self.samples.get_field(self.label_field)
+        if field is None:
+            raise CamError(
+                f"label_field '{self.label_field}' does not exist on dataset "
+                f"'{self.dataset.name}'"
+            )
+        if not (
+            isinstance(field, fo.EmbeddedDocumentField)
+            and issubclass(field.document_type, fo.Classification)
+        ):
+            raise CamError(
+                f"label_field '{self.label_field}' must hold fo.Classification "
+                f"labels (the ground-truth class of each image)"
+            )
+
+        classes = self.classifier.classes
+        labels = [x for x in self.samples.distinct(f"{self.label_field}.label") if x is not None]
+        if classes is None:
+            raise CamError(
+                "The model's class names are unknown, so ground-truth labels "
+                "cannot be matched to its outputs; pass classes=[...] in "
+                "output order"
+            )
+
+        missing = sorted(set(labels) - set(classes))
+        if missing:
+            raise CamError(
+                f"{len(missing)} ground-truth label(s) in '{self.label_field}' "
+                f"are not among the model's {len(classes)} classes: "
+                f"{', '.join(missing[:20])}{' ...' if len(missing) > 20 else ''}. "
+                "Pass classes=[...] matching the model's outputs, or drop "
+                "label_field"
+            )
+
+        self._gt_index = {c: i for i, c in enumerate(classes)}
+
+    def config(self):
+        clf = self.classifier
+        return {
+            "cam_method": self.extractor.method.name,
+            "layer": self.extractor.layer,
+            "model": clf.name,
+            "model_spec": os.fspath(self.model_spec) if self.model_spec is not None else None,
+            "model_fingerprint": clf.fingerprint,
+            "transforms": stable_identity(clf.transforms),
+            "classes": list(clf.classes) if clf.classes else None,
+            "label_field": self.label_field,
+            "pred_field": self.pred_field,
+            "heatmap_field": self.heatmap_field,
+            "targets": {t.name: t.field for t in self.targets},
+            "heatmap_size": self.heatmap_size,
+        }
+
+    def fields(self):
+        return dict(self._fields)
+
+    def outputs(self, ids, files):
+        if not ids:
+            return
+        paths_by_id = dict(zip(*self.samples.select(ids).values(["id", "filepath"])))
+        paths = [paths_by_id[i] for i in ids]
+        gt = [-1] * len(ids)
+        if self.label_field:
+            labels = dict(zip(*self.samples.select(ids).values(["id", f"{self.label_field}.label"])))
+            gt = [self._gt_index.get(labels.get(i), -1) for i in ids]
+
+        loader = image_loader(
+            paths,
+            self.classifier.transforms,
+            min_side=max(self.input_shape[-2:]),
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            pin_memory=self.device.type == "cuda",
+        )
+        names = self.classifier.classes
+        picks = {t.name: t.pick for t in self.targets}
+
+        def compute(group):
+            return compute_batch(
+                self.extractor, group, [gt[item.index] for item in group.items], picks,
+                self.heatmap_size, self.device,
+            )
+
+        runner = BatchRunner(compute, self.batch_size)
+        attempted = succeeded = 0
+        reasons = set()
+        for outcomes in run_loader(loader, runner):
+            batch = []
+            for index, result in outcomes:
+                sample_id = ids[index]
+                attempted += 1
+                if isinstance(result, SampleError):
+                    reasons.add(result.message if result.kind.name == "COMPUTE" else None)
+                    batch.append(self.failure(sample_id, result))
+                    continue
+                succeeded += 1
+                batch.append(self._output(sample_id, result, names, files))
+            self._check_all_failing(attempted, succeeded, reasons, batch)
+            yield batch
+
+    def _output(self, sample_id, result, names, files):
+        values = {
+            self.pred_field: fo.Classification(
+                label=names[result.pred] if names else str(result.pred),
+                confidence=result.confidence,
+                logits=result.logits,
+            )
+        }
+        out_files = []
+        for target in self.targets:
+            framed = result.maps.get(target.name)
+            if framed is None:
+                continue
+            path = files.path(target.name, sample_id)
+            out_files.append((path, framed.levels))
+            values[target.field] = fo.Heatmap(
+                map_path=path,
+                range=list(HEATMAP_RANGE),
+                raw_max=framed.raw_max,
+                target=names[framed.class_index] if names else str(framed.class_index),
+            )
+        return SampleOutput(sample_id, values, out_files)
+
+    @staticmethod
+    def _check_all_failing(attempted, succeeded, reasons, batch):
+        # the same computation error on every sample points at the model or
+        # configuration, not the data: stop instead of failing them all
+        if succeeded == 0 and attempted >= 16 and len(reasons) == 1 and None not in reasons:
+            (reason,) = reasons
+            raise CamError(
+                f"The first {attempted} samples all failed with the same "
+                f"error, which points at the model or configuration: {reason}"
+            )
+
+    def finish(self, dataset):
+        appearance.apply(dataset, {t.name: t.field for t in self.targets})
+
+    def close(self):
+        self.classifier.module.to(self._restore_device)
+
+
+def _module_device(module):
+    for p in module.parameters():
+        return p.device
+    return torch.device("cpu")

@@ -1,0 +1,439 @@
+"""The records runs keep on a dataset: registered with FiftyOne's run
+registry (so they list, clone and delete with the dataset) and updated in
+place, one key at a time, with atomic MongoDB updates of the run's own
+document, so shards and concurrent runs never overwrite each other's state.
+
+A record holds the run's configuration (its identity), ``status``,
+``counts``, ``fields``, ``files_dir``, ``dataset_id`` (the dataset that owns
+the files) and ``shards``: per shard, its ``status`` (``running``, ``done``,
+``failed``), the worker holding it (host, pid, process start time), a claim
+``token`` and a ``heartbeat``.
+"""
+
+import os
+import socket
+import uuid
+from datetime import datetime, timedelta
+
+import fiftyone as fo
+import fiftyone.core.odm as foo
+import fiftyone.core.sample as fos
+
+from ..store import faults
+
+CAM_RUN = "cam_plugin.compute_cams"
+ATTENTION_RUN = "cam_plugin.compute_attention"
+RUN_METHODS = [CAM_RUN, ATTENTION_RUN]
+
+#: a running shard whose heartbeat is older than this is stale (its worker
+#: died or lost the database); on the worker's own host a dead process is
+#: recognised at once
+STALE_AFTER_S = float(os.environ.get("CAM_PLUGIN_STALE_AFTER_S", 60))
+HEARTBEAT_S = min(10.0, STALE_AFTER_S / 4)
+
+# config entries that describe state, not what is computed
+STATE_KEYS = (
+    "status",
+    "counts",
+    "fields",
+    "files_dir",
+    "output_root",
+    "depends_on",
+    "dataset_id",
+    "uid",
+    "shards",
+    "num_shards",
+    "view",
+    "group_slice",
+    "error",
+    "foreign_files_dirs",
+    "key",
+    "timestamp",
+    "cls",
+    "type",
+    "method",
+)
+
+
+class RunError(ValueError):
+    """A run that cannot start as asked, with what to do instead."""
+
+
+def register_method(method):
+    """Makes a run type's method name known to the registry."""
+    if method not in RUN_METHODS:
+        RUN_METHODS.append(method)
+
+
+def list_runs(samples, method=None):
+    """Keys of this plugin's runs on the dataset, optionally of one method."""
+    dataset = samples._root_dataset
+    keys = []
+    for m in (method,) if method else RUN_METHODS:
+        keys.extend(dataset.list_runs(method=m))
+    return sorted(keys)
+
+
+def _runs_collection():
+    return foo.get_db_conn().runs
+
+
+def _doc_id(dataset, key):
+    dataset.reload()
+    run_doc = dataset._doc.runs.get(key)
+    if run_doc is None:
+        raise RunError(f"Dataset '{dataset.name}' has no run '{key}'")
+    return run_doc.id
+
+
+def get_run(samples, key):
+    """A run's configuration and state, read fresh from the database, as a
+    plain dict with ``key``, ``method``, ``timestamp``, ``status``,
+    ``counts``, ``files_dir`` and ``shards`` (each with its ``state``:
+    ``running``, ``stale``, ``done`` or ``failed``)."""
+    dataset = samples._root_dataset
+    doc = _runs_collection().find_one({"_id": _doc_id(dataset, key)})
+    if doc is None:
+        raise RunError(f"Dataset '{dataset.name}' has no run '{key}'")
+    config = dict(doc.get("config") or {})
+    config.pop("cls", None)
+    config.pop("type", None)
+    config["key"] = key
+    config["timestamp"] = doc["timestamp"].isoformat() if doc.get("timestamp") else None
+    shards = config.get("shards") or {}
+    now = datetime.utcnow()
+    for shard in shards.values():
+        shard["state"] = shard_state(shard, now)
+    return config
+
+
+def shard_state(shard, now=None):
+    """``running``, ``stale`` (running, but its worker is gone), ``done`` or
+    ``failed``."""
+    status = shard.get("status")
+    if status != "running":
+        return status
+    return "running" if worker_alive(shard, now) else "stale"
+
+
+def worker_alive(shard, now=None):
+    now = now or datetime.utcnow()
+    beat = shard.get("heartbeat")
+    if beat is None or now - beat > timedelta(seconds=STALE_AFTER_S):
+        return False
+    worker = shard.get("worker") or {}
+    if worker.get("host") == socket.gethostname():
+        return _process_alive(worker.get("pid"), worker.get("started"))
+    return True
+
+
+def this_worker():
+    """The calling process: host, pid and process start time (a pid alone
+    can be reused)."""
+    return {"host": socket.gethostname(), "pid": os.getpid(), "started": _start_time(os.getpid())}
+
+
+def _start_time(pid):
+    import psutil
+
+    try:
+        return psutil.Process(pid).create_time()
+    except (psutil.Error, TypeError):
+        return None
+
+
+def _process_alive(pid, started):
+    if pid is None:
+        return False
+    now_started = _start_time(pid)
+    return now_started is not None and (started is None or abs(now_started - started) < 1e-3)
+
+
+class RunRecord:
+    """A handle on one registered run's document."""
+
+    def __init__(self, dataset, key, doc_id):
+        self.dataset = dataset
+        self.key = key
+        self.doc_id = doc_id
+
+    @classmethod
+    def of(cls, samples, key):
+        dataset = samples._root_dataset
+        return cls(dataset, key, _doc_id(dataset, key))
+
+    def read(self):
+        doc = _runs_collection().find_one({"_id": self.doc_id})
+        return None if doc is None else dict(doc.get("config") or {})
+
+    def exists(self):
+        return _runs_collection().count_documents({"_id": self.doc_id}, limit=1) > 0
+
+    def update(self, **values):
+        """Sets config entries (dotted names reach into ``shards``)."""
+        _runs_collection().update_one(
+            {"_id": self.doc_id}, {"$set": {f"config.{k}": v for k, v in values.items()}}
+        )
+        faults.database_write("record")
+
+    def claim(self, shard, token):
+        """Takes a shard unless a live worker holds it; atomic, so two
+        workers never both hold one.
+
+        Returns:
+            None when claimed, else the holder's shard entry
+        """
+        path = f"config.shards.{shard}"
+        doc = _runs_collection().find_one({"_id": self.doc_id}, {path: 1})
+        if doc is None:
+            raise RunError(f"Run '{self.key}' was deleted")
+        current = ((doc.get("config") or {}).get("shards") or {}).get(str(shard))
+        if current and current.get("status") == "running" and worker_alive(current):
+            return current
+
+        # the update applies only if the shard is still as we read it
+        condition = {"_id": self.doc_id}
+        if current is None:
+            condition[path] = {"$exists": False}
+        else:
+            condition[f"{path}.token"] = current.get("token")
+        entry = {
+            "status": "running",
+            "token": token,
+            "worker": this_worker(),
+            "heartbeat": datetime.utcnow(),
+            "claimed": datetime.utcnow(),
+            "taken_over": current.get("worker") if current and current.get("status") == "running" else None,
+        }
+        result = _runs_collection().update_one(condition, {"$set": {path: entry}})
+        faults.database_write("claim")
+        if result.modified_count == 1:
+            return None
+        doc = _runs_collection().find_one({"_id": self.doc_id}, {path: 1})
+        return ((doc or {}).get("config") or {}).get("shards", {}).get(str(shard)) or {}
+
+    def heartbeat(self, shard, token, **extra):
+        """Refreshes a held shard's heartbeat; False if it is no longer held
+        (taken over as stale, or the run deleted)."""
+        path = f"config.shards.{shard}"
+        values = {f"{path}.heartbeat": datetime.utcnow()}
+        values.update({f"{path}.{k}": v for k, v in extra.items()})
+        result = _runs_collection().update_one(
+            {"_id": self.doc_id, f"{path}.token": token}, {"$set": values}
+        )
+        return result.matched_count == 1
+
+    def release(self, shard, token, status, **extra):
+        """Ends a held shard with ``status`` (``done`` or ``failed``)."""
+        path = f"config.shards.{shard}"
+        values = {f"{path}.status": status, f"{path}.ended": datetime.utcnow()}
+        values.update({f"{path}.{k}": v for k, v in extra.items()})
+        result = _runs_collection().update_one(
+            {"_id": self.doc_id, f"{path}.token": token}, {"$set": values}
+        )
+        faults.database_write("release")
+        return result.matched_count == 1
+
+
+def register(samples, key, method, config):
+    """Registers a new run and returns its :class:`RunRecord`."""
+    dataset = samples._root_dataset
+    run_config = dataset.init_run(method=method, **config)
+    dataset.register_run(key, run_config)
+    faults.database_write("register")
+    return RunRecord.of(samples, key)
+
+
+def new_uid():
+    return uuid.uuid4().hex[:10]
+
+
+def new_token():
+    return uuid.uuid4().hex
+
+
+def field_owners(samples):
+    """Maps every field produced by this plugin's runs to its run key."""
+    owners = {}
+    for key in list_runs(samples):
+        try:
+            config = get_run(samples, key)
+        except Exception:
+            continue
+        for field in config.get("fields") or []:
+            owners[field] = key
+    return owners
+
+
+def check_fields(samples, key, fields):
+    """Refuses output fields that are invalid names or belong to someone
+    else: a run writes only fields it creates (or its own earlier run with
+    the same key created), whatever ``overwrite`` says.
+
+    Args:
+        samples: the collection
+        key: the run key that will write the fields
+        fields: a dict mapping field names to ``(ftype, embedded_doc_type)``
+
+    Raises:
+        RunError: naming the field and the conflict
+    """
+    dataset = samples._root_dataset
+    schema = dataset.get_field_schema(include_private=True)
+    reserved = set(fos.get_default_sample_fields(include_private=True))
+    owners = field_owners(samples)
+
+    for name, (ftype, doc_type) in fields.items():
+        if not isinstance(name, str) or not name.isidentifier() or name.startswith("_"):
+            raise RunError(
+                f"'{name}' is not a valid field name: use letters, digits and "
+                "underscores, starting with a letter"
+            )
+        if name in reserved:
+            raise RunError(f"'{name}' is one of FiftyOne's own sample fields; choose another name")
+
+        owner = owners.get(name)
+        if owner is not None and owner != key:
+            raise RunError(
+                f"Field '{name}' belongs to run '{owner}'; choose another field "
+                "name or delete that run first"
+            )
+
+        field = schema.get(name)
+        if field is None:
+            continue
+        if not _same_type(field, ftype, doc_type):
+            expected = doc_type.__name__ if doc_type else ftype.__name__
+            raise RunError(
+                f"Field '{name}' already exists with type {_type_name(field)}, "
+                f"but this run writes {expected}; choose another field name"
+            )
+        if owner is None:
+            raise RunError(
+                f"Field '{name}' already exists and was not made by this "
+                "plugin; a run never writes to fields it did not create, so "
+                "choose another field name"
+            )
+
+
+def _same_type(field, ftype, doc_type):
+    if doc_type is not None:
+        return isinstance(field, fo.EmbeddedDocumentField) and issubclass(
+            field.document_type, doc_type
+        )
+    return isinstance(field, ftype)
+
+
+def _type_name(field):
+    if isinstance(field, fo.EmbeddedDocumentField):
+        return field.document_type.__name__
+    return type(field).__name__
+
+
+def ensure_fields(dataset, fields):
+    """Declares fields on the dataset, re-adding any that a concurrent schema
+    update of another process dropped."""
+    dataset.reload()
+    schema = dataset.get_field_schema()
+    for name, (ftype, doc_type) in fields.items():
+        if name in schema:
+            continue
+        if doc_type is not None:
+            dataset.add_sample_field(name, ftype, embedded_doc_type=doc_type)
+        else:
+            dataset.add_sample_field(name, ftype)
+        faults.database_write("schema")
+
+
+def comparable(config):
+    """The part of a config that decides whether two runs compute the same
+    thing."""
+    return {k: v for k, v in config.items() if k not in STATE_KEYS}
+
+
+def config_diff(old, new):
+    a, b = comparable(old), comparable(new)
+    diffs = [
+        f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)
+    ]
+    return "; ".join(diffs[:4]) or "unknown difference"
+
+
+def live_shards(config):
+    """The shards of a run that a live worker holds now."""
+    now = datetime.utcnow()
+    return {
+        k: s for k, s in (config.get("shards") or {}).items() if shard_state(s, now) == "running"
+    }
+
+
+def delete_run(samples, key, cleanup_files=True):
+    """Deletes a run: the runs that depend on it, its fields, the files it
+    owns, then its record. Nothing else is touched.
+
+    Files are deleted only where this dataset owns them: a clone's copy of a
+    run points at the files of the dataset it was cloned from and deletes
+    none of them; when the owner deletes a run whose files a clone still
+    uses, the files stay and pass to the clone.
+
+    Returns:
+        the number of files removed
+    """
+    from ..store.files import RunFiles
+
+    dataset = samples._root_dataset
+    config = get_run(samples, key)
+    if config.get("method") not in RUN_METHODS:
+        raise RunError(f"Run '{key}' was not made by this plugin")
+
+    removed = 0
+    for other in list_runs(samples):
+        if other != key and key in (get_run(samples, other).get("depends_on") or []):
+            removed += delete_run(samples, other, cleanup_files=cleanup_files)
+
+    schema = dataset.get_field_schema()
+    owned = [f for f in config.get("fields") or [] if f in schema]
+    if owned:
+        dataset.delete_sample_fields(owned)
+
+    files_dir = config.get("files_dir")
+    if cleanup_files and files_dir and os.path.isdir(files_dir):
+        if str(config.get("dataset_id")) == str(dataset._doc.id):
+            heir = _other_user_of(files_dir, dataset._doc.id)
+            files = RunFiles(files_dir, files_owner(config))
+            if heir is None:
+                removed += files.remove()
+            else:
+                _hand_over(files_dir, config, heir)
+
+    dataset.delete_run(key)
+    dataset.reload()
+    return removed
+
+
+def files_owner(config):
+    """Who owns a run's file directory: the dataset and the run's uid."""
+    return {"dataset_id": str(config.get("dataset_id")), "uid": config.get("uid")}
+
+
+def _other_user_of(files_dir, dataset_id):
+    """A run document of another dataset (a clone) whose run uses these
+    files, or None."""
+    return _runs_collection().find_one(
+        {"config.files_dir": files_dir, "_dataset_id": {"$ne": dataset_id}}
+    )
+
+
+def _hand_over(files_dir, config, heir):
+    """Passes a run's files to the clone that still uses them: its record
+    and the directory's marker name the clone as owner."""
+    import json
+
+    from ..store.files import MARKER
+
+    heir_id = str(heir.get("_dataset_id"))
+    _runs_collection().update_one({"_id": heir["_id"]}, {"$set": {"config.dataset_id": heir_id}})
+    owner = dict(files_owner(config), dataset_id=heir_id)
+    with open(os.path.join(files_dir, MARKER), "w") as f:
+        json.dump(owner, f, sort_keys=True)
+

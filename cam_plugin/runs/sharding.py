@@ -1,0 +1,103 @@
+"""Running a run here, shard by shard, or queueing its shards as FiftyOne
+delegated operations that any ``fiftyone delegated launch`` worker sharing
+the database and the output directory can claim.
+
+Open-source FiftyOne runs one delegated operation in one process; a run
+scales out by being several operations, one per shard. Each operation
+claims its shard in the run's record (atomically; a live holder is never
+displaced), keeps a heartbeat while it works, and the run is ``completed``
+when the data says every sample is done, whichever worker finishes last.
+"""
+
+import os
+
+import fiftyone.operators as foo
+
+from . import records
+from .base import _open_record, _todo_filter, iter_execute, shard_of
+from .records import RunError
+
+PLUGIN = "@cam-plugin/cam"
+
+
+def steps(run_type, options):
+    """Executes a run here (all its free shards, or ``options['shard']``)
+    as a generator of ``(done, total)`` returning its summary."""
+    return (yield from iter_execute(run_type, **options))
+
+
+def queue(run_cls, operator, samples, model_or_args, params, options):
+    """Validates and registers the run, then queues one delegated operation
+    per shard that has samples to do and no live worker.
+
+    Returns:
+        a :class:`~cam_plugin.runs.base.RunSummary` whose ``queued`` lists
+        the operation ids
+    """
+    from .base import RunSummary
+
+    num_shards = int(options.get("num_shards") or 1)
+    if options.get("shard") is not None:
+        raise RunError("Pass shard= or delegate=True, not both: delegation queues every shard")
+    if params.get("transforms") is not None:
+        raise RunError(
+            "Custom transforms cannot be delegated: a worker in another process "
+            "cannot receive a Python callable. Use the model's own transforms, "
+            "or run it here (delegate=False)"
+        )
+    if params.get("trust_checkpoint"):
+        raise RunError("trust_checkpoint cannot be delegated: workers never unpickle files")
+
+    if run_cls.method == records.CAM_RUN:
+        model = model_or_args
+        if not isinstance(model, (str, os.PathLike)):
+            raise RunError(
+                f"A model given as an in-memory {type(model).__name__} cannot be "
+                "delegated: workers load it again by name or path. Pass a "
+                "torchvision name, a TorchScript file or '<architecture>:<checkpoint>'"
+            )
+        run_type = run_cls(samples, model, **params)
+        op_params = dict(params, model=os.fspath(model))
+    else:
+        run_type = run_cls(samples, *model_or_args, **params)
+        op_params = dict(params, heatmap_field=model_or_args[0], region_field=model_or_args[1])
+    try:
+        record, config, resumed = _open_record(
+            run_type, options.get("overwrite", False), num_shards, options.get("output_root")
+        )
+        todo = _todo_filter(run_type, samples, options.get("retry_failed", False)).values("id")
+    finally:
+        run_type.close()
+
+    live = records.live_shards(config)
+    pending = sorted({shard_of(i, num_shards) for i in todo} - {int(k) for k in live})
+    op_params.pop("transforms", None)
+    op_params.pop("trust_checkpoint", None)
+    op_params.update(
+        num_shards=num_shards,
+        retry_failed=bool(options.get("retry_failed", False)),
+        output_dir=config.get("output_root"),
+        overwrite=False,
+        delegate=True,
+    )
+
+    summary = RunSummary(
+        key=run_type.key,
+        fields=list(run_type.fields()),
+        files_dir=config.get("files_dir") or "",
+        resumed=resumed,
+        status=config.get("status", "running"),
+        busy_shards=sorted(int(k) for k in live),
+    )
+    for shard in pending:
+        result = foo.execute_operator(
+            f"{PLUGIN}/{operator}",
+            ctx=dict(view=samples.view()),
+            params=dict(op_params, shard=shard),
+            request_delegation=True,
+        )
+        if result.error:
+            raise RunError(f"Queueing shard {shard} failed: {result.error_message or result.error}")
+        summary.queued.append(str(result.result["id"]))
+        summary.shards.append(shard)
+    return summary

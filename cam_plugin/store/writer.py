@@ -1,0 +1,125 @@
+"""One update per sample document, written after its files.
+
+A run hands the writer one :class:`SampleOutput` per sample: every field it
+owns for that sample (values to set, the rest unset) and the files they
+point to. On :meth:`SampleWriter.flush` the files are made durable first,
+then all samples go to MongoDB in one ``bulk_write`` whose operations each
+update one document atomically. A sample is thus either wholly written or
+not at all; a kill loses at most the samples since the last flush, which
+happens every ``flush_seconds``.
+"""
+
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from bson import ObjectId
+from pymongo import UpdateOne
+
+from . import faults
+
+
+@dataclass
+class SampleOutput:
+    """All that a run writes for one sample.
+
+    Attributes:
+        sample_id: the sample's id
+        values: field name -> value (a label, a scalar or None) for every
+            field the run owns; None unsets the field
+        files: ``(path, array)`` pairs to write before the document
+        error: a :class:`cam_plugin.engine.SampleError` when the sample
+            failed (``values`` then records why)
+    """
+
+    sample_id: str
+    values: dict
+    files: list = field(default_factory=list)
+    error: object = None
+
+
+class SampleWriter:
+    """Buffers sample outputs and writes them in flushes.
+
+    Args:
+        dataset: the root ``fo.Dataset`` whose samples are updated
+        fields: the names of the fields the run owns (declared on the
+            dataset before the first flush)
+        png_writer: a :class:`cam_plugin.heatmaps.PngWriter` for the files
+        flush_seconds (2.0): flush when this long has passed since the last
+        max_pending (512): flush when this many samples wait
+        before_write (None): called before each database write; raising
+            stops the write (used to stop when the run was deleted or its
+            shard taken over)
+    """
+
+    def __init__(
+        self,
+        dataset,
+        fields,
+        png_writer,
+        flush_seconds=2.0,
+        max_pending=512,
+        before_write=None,
+    ):
+        self.dataset = dataset
+        self.fields = list(fields)
+        self.png_writer = png_writer
+        self.flush_seconds = flush_seconds
+        self.max_pending = max_pending
+        self.before_write = before_write
+        self.written = 0
+        self._pending = []
+        self._last_flush = time.monotonic()
+        self._field_objects = None
+
+    def add(self, output):
+        for path, array in output.files:
+            self.png_writer.submit(path, array)
+        self._pending.append(output)
+        if len(self._pending) >= self.max_pending or (
+            time.monotonic() - self._last_flush >= self.flush_seconds
+        ):
+            self.flush()
+
+    def flush(self):
+        """Writes the files, then the documents, of every pending sample."""
+        self._last_flush = time.monotonic()
+        if not self._pending:
+            return
+        # files first: a field must never point at a file not yet written
+        self.png_writer.wait()
+        pending, self._pending = self._pending, []
+        if self.before_write is not None:
+            self.before_write()
+
+        fields = self._fields()
+        now = datetime.utcnow()
+        ops = []
+        for output in pending:
+            sets = {"last_modified_at": now}
+            unsets = {}
+            for name in self.fields:
+                value = output.values.get(name)
+                if value is None:
+                    unsets[name] = ""
+                else:
+                    sets[name] = fields[name].to_mongo(value)
+            update = {"$set": sets}
+            if unsets:
+                update["$unset"] = unsets
+            ops.append(UpdateOne({"_id": ObjectId(output.sample_id)}, update))
+
+        self.dataset._sample_collection.bulk_write(ops, ordered=False)
+        self.written += len(ops)
+        faults.database_write("samples")
+
+    def _fields(self):
+        if self._field_objects is None:
+            self.dataset.reload()
+            schema = self.dataset.get_field_schema()
+            missing = [f for f in self.fields if f not in schema]
+            if missing:
+                raise RuntimeError(f"fields {missing} are not declared on the dataset")
+            self._field_objects = {f: schema[f] for f in self.fields}
+        return self._field_objects
