@@ -1,5 +1,6 @@
-"""FiftyOne operators of the CAM plugin: forms from :mod:`cam_plugin.forms`,
-work done by the :mod:`cam_plugin` library."""
+"""FiftyOne operators of the CAM plugin: forms from the plugin's own
+``forms`` module, work done by the :mod:`cam_plugin` library, used only
+through its public API."""
 
 import time
 
@@ -9,7 +10,10 @@ import fiftyone.operators.types as types
 # the library is an installed package (pyproject.toml, `make setup`): one
 # copy, by its own name, whether it is used from Python or from the App
 import cam_plugin
-from cam_plugin import forms
+
+# FiftyOne loads this file as a package whose search path is the plugin's
+# directory, so the plugin's own modules import relatively
+from . import forms
 
 _PROGRESS_EVERY_S = 0.5
 
@@ -151,14 +155,12 @@ class AttentionViews(foo.Operator):
         return types.Property(inputs, view=types.View(label="Attention views"))
 
     def execute(self, ctx):
-        from cam_plugin.views import saved_view_name
-
         heatmap_field = ctx.params.get("heatmap_field", "cam")
-        views = cam_plugin.views.attention_views(
-            ctx.dataset, heatmap_field, thresholds=forms.thresholds_from(ctx.params)
+        views = cam_plugin.attention_views(
+            ctx.dataset, heatmap_field, **forms.thresholds_from(ctx.params)
         )
         opened = ctx.params.get("open_view", "misclassified_background")
-        ctx.ops.set_view(name=saved_view_name(heatmap_field, opened))
+        ctx.ops.set_view(name=cam_plugin.saved_view_name(heatmap_field, opened))
         return {"counts": {name: view.count() for name, view in views.items()}, "opened": opened}
 
     def resolve_output(self, ctx):
@@ -191,10 +193,10 @@ class ClassSummary(foo.Operator):
         return types.Property(inputs, view=types.View(label="Per-class attention summary"))
 
     def execute(self, ctx):
-        rows = cam_plugin.views.class_summary(
+        rows = cam_plugin.class_summary(
             ctx.view,
             ctx.params.get("heatmap_field", "cam"),
-            thresholds=forms.thresholds_from(ctx.params),
+            **forms.summary_thresholds_from(ctx.params),
         )
         return {
             "rows": forms.summary_rows_for_display(rows),
@@ -238,13 +240,13 @@ class AttentionByClassPanel(foo.Panel):
         self._refresh(ctx)
 
     def _refresh(self, ctx, field=None):
-        fields = forms.summary_panel_fields(ctx.dataset)
+        fields = forms.attention_fields(ctx.dataset)
         field = field or ctx.panel.state.heatmap_field
         if field not in fields:
             field = fields[0] if fields else None
         ctx.panel.state.heatmap_field = field
         ctx.panel.state.fields = fields
-        rows = cam_plugin.views.class_summary(ctx.dataset, field) if field else []
+        rows = cam_plugin.class_summary(ctx.dataset, field) if field else []
         ctx.panel.data.summary = forms.summary_traces(rows)
 
     def on_field_change(self, ctx):
@@ -254,7 +256,7 @@ class AttentionByClassPanel(foo.Panel):
         field = ctx.panel.state.heatmap_field
         class_name = ctx.params.get("x") or ctx.params.get("id")
         if field and class_name:
-            view = cam_plugin.views.class_view(ctx.dataset, field, None, None, class_name)
+            view = cam_plugin.class_view(ctx.dataset, class_name, field)
             ctx.ops.set_view(view=view)
 
     def render(self, ctx):

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 import torchvision
 from PIL import Image
 
-from cam_plugin.batches import SampleImages, collate_groups, compute_batch
+from cam_plugin.batches import compute_batch
+from cam_plugin.engine import image_loader
 from cam_plugin.cams import CamExtractor
 from cam_plugin.cifar_resnet import load_resnet20_checkpoint
 from cam_plugin.heatmaps import PngWriter
@@ -88,21 +89,14 @@ def core_plugin(paths, model, transforms, batch_size, amp, workdir, workers):
     """The plugin's compute core, as the pipeline runs it, minus the
     database writes."""
     ex = CamExtractor(model, "gradcam", input_shape_of(transforms), autocast=amp, chunk_size=256)
-    loader = torch.utils.data.DataLoader(
-        SampleImages(paths, transforms, min_side=224),
-        batch_size=batch_size,
-        num_workers=workers,
-        collate_fn=collate_groups,
-        pin_memory=DEVICE == "cuda",
-    )
+    loader = image_loader(paths, transforms, 224, batch_size, workers, pin_memory=DEVICE == "cuda")
     picks = {"pred": lambda logits, gt: logits.argmax(1)}
     done = 0
     with PngWriter(num_threads=8) as writer:
         for batch in loader:
-            for group in batch["groups"]:
-                for item in group.items:
-                    item["gt"] = -1
-                for i, result in enumerate(compute_batch(ex, group, picks, 256, DEVICE)):
+            for group in batch.groups:
+                gt = [-1] * len(group)
+                for i, result in enumerate(compute_batch(ex, group, gt, picks, 256, DEVICE)):
                     writer.submit(os.path.join(workdir, f"{done + i}.png"), result.maps["pred"].levels)
                 done += len(group)
     return done
@@ -110,14 +104,9 @@ def core_plugin(paths, model, transforms, batch_size, amp, workdir, workers):
 
 def decode_only(paths, transforms, batch_size, workers):
     """The image loading alone: the CPU-side bound of (a)."""
-    loader = torch.utils.data.DataLoader(
-        SampleImages(paths, transforms, min_side=224),
-        batch_size=batch_size,
-        num_workers=workers,
-        collate_fn=collate_groups,
-    )
+    loader = image_loader(paths, transforms, 224, batch_size, workers)
     start = time.perf_counter()
-    n = sum(sum(len(g) for g in batch["groups"]) for batch in loader)
+    n = sum(sum(len(g) for g in batch.groups) for batch in loader)
     return n / (time.perf_counter() - start)
 
 

@@ -13,9 +13,18 @@ internal modules:
     registered on a dataset
 -   :func:`load_classifier`, :func:`layer_candidates`: models and the layers
     a CAM can be taken from
+-   what the App's forms offer and check before anything runs:
+    :func:`model_layers` (layers without loading a checkpoint),
+    :func:`torchvision_classifiers`, :func:`torchvision_weights`,
+    :func:`is_torchscript_file`, :func:`check_fields`, :data:`REGION_TYPES`,
+    :func:`metric_field`, :data:`VIEW_DESCRIPTIONS`, :func:`saved_view_name`,
+    :func:`class_view` and :class:`Thresholds`
 
 The CAM math (:mod:`cam_plugin.cams`) is torch-only and usable on its own.
 """
+
+import functools
+import os
 
 from .cams import METHODS, CamError, CamExtractor
 from .models import Classifier, ModelError, load_classifier
@@ -38,7 +47,17 @@ def __getattr__(name):
         from .views import Thresholds
 
         return Thresholds
-    if name in ("views", "runs", "heatmaps", "forms"):
+    if name == "VIEW_DESCRIPTIONS":
+        # the attention views' names and what each shows
+        from .views import VIEW_DESCRIPTIONS
+
+        return VIEW_DESCRIPTIONS
+    if name == "REGION_TYPES":
+        # the label types compute_attention takes as object regions
+        from .runs.attention import REGION_TYPES
+
+        return REGION_TYPES
+    if name in ("views", "runs", "heatmaps"):
         import importlib
 
         return importlib.import_module(f".{name}", __name__)
@@ -288,6 +307,15 @@ def iter_compute_attention(samples, heatmap_field="cam", region_field=None, **kw
     return (yield from sharding.steps(attention.AttentionRunType(samples, *args, **params), options))
 
 
+def metric_field(heatmap_field, metric):
+    """The field :func:`compute_attention` writes a metric of a heatmap
+    field to: ``<heatmap_field>_<metric>`` (``metric`` e.g.
+    ``"object_energy"``)."""
+    from .runs.attention import metric_field as name_of
+
+    return name_of(heatmap_field, metric)
+
+
 def attention_views(
     samples,
     heatmap_field="cam",
@@ -350,6 +378,34 @@ def class_summary(
     return summarise(samples, heatmap_field, label_field, pred_field, thresholds)
 
 
+def class_view(
+    samples,
+    class_name,
+    heatmap_field="cam",
+    label_field=None,
+    pred_field=None,
+    *,
+    background_focus=0.15,
+    max_object_area=0.6,
+):
+    """The samples of one ground-truth class whose attention is off the
+    object (focus < ``background_focus``), as a ``fo.DatasetView``: the
+    ``off_object`` samples of that class's :func:`class_summary` row."""
+    from .views import Thresholds
+    from .views import class_view as build
+
+    thresholds = Thresholds(background_focus=background_focus, max_object_area=max_object_area)
+    return build(samples, heatmap_field, label_field, pred_field, class_name, thresholds)
+
+
+def saved_view_name(heatmap_field, name):
+    """The name :func:`attention_views` saves a view under:
+    ``<heatmap_field>_<name>``, ``name`` a key of :data:`VIEW_DESCRIPTIONS`."""
+    from .views import saved_view_name as name_of
+
+    return name_of(heatmap_field, name)
+
+
 def list_runs(samples, method=None):
     """The keys of this plugin's runs on a dataset.
 
@@ -391,6 +447,27 @@ def delete_run(samples, run_key):
     runs.delete_run(samples, run_key)
 
 
+def check_fields(samples, run_key, fields):
+    """Checks output fields before a run writes them: refuses invalid names,
+    FiftyOne's own fields, fields of another type and fields this plugin did
+    not create or another run owns (what a run with key ``run_key`` would
+    refuse when it starts).
+
+    Args:
+        samples: a dataset or view
+        run_key: the key of the run that would write the fields
+        fields: a dict from field name to ``(field type, embedded document
+            type or None)``, e.g. ``{"cam": (fo.EmbeddedDocumentField,
+            fo.Heatmap)}``
+
+    Raises:
+        RunError: naming the field and the conflict
+    """
+    from .runs import records
+
+    records.check_fields(samples, run_key, fields)
+
+
 def layer_candidates(model, transforms=None, trust_checkpoint=False):
     """The layers a CAM can be taken from, last first, and the default one.
 
@@ -412,3 +489,63 @@ def layer_candidates(model, transforms=None, trust_checkpoint=False):
     candidates = probe_layers(clf.module, input_shape_of(clf.transforms))
     names = [c.name for c in reversed(candidates) if c.usable]
     return names, default_layer(candidates)
+
+
+def model_layers(spec):
+    """The layers a CAM can be taken from, last first, and the default one,
+    of a model specification, without loading any checkpoint: what a form
+    may offer before the user has run anything.
+
+    A torchvision name or ``"<architecture>:<checkpoint>"`` is probed as the
+    architecture with random weights (which alone decide the layers; the
+    checkpoint is only checked to exist, and nothing is downloaded); a
+    TorchScript file, which runs no Python, is loaded. Results are cached
+    (a rewritten file is probed again).
+
+    Args:
+        spec: a model specification string (see :func:`compute_cams`)
+
+    Returns:
+        a tuple ``(names, default)``
+
+    Raises:
+        ModelError: for a missing checkpoint, an unknown architecture, or a
+            file that is neither TorchScript nor named with its
+            architecture (a pickled model is never opened here, since
+            loading it would run code from the file)
+    """
+    from .models import layer_probe_spec
+
+    probe_spec, path = layer_probe_spec(os.fspath(spec))
+    mtime = os.path.getmtime(path) if path is not None else None
+    names, default = _probed_layers(probe_spec, mtime)
+    return list(names), default
+
+
+@functools.lru_cache(maxsize=32)
+def _probed_layers(probe_spec, mtime):
+    # mtime: the probed file's, so that a rewritten file is probed again
+    return layer_candidates(probe_spec)
+
+
+def torchvision_classifiers():
+    """The names of torchvision's image classifiers, sorted."""
+    from .models import torchvision_classifier_names
+
+    return torchvision_classifier_names()
+
+
+def torchvision_weights(name):
+    """The weights of a torchvision classifier (its weights enum's values),
+    the default first; empty for a name that is not one."""
+    from .models import torchvision_weight_names
+
+    return torchvision_weight_names(name)
+
+
+def is_torchscript_file(path):
+    """Whether ``path`` is a TorchScript archive, from its zip listing alone
+    (nothing in the file is loaded)."""
+    from .models import is_torchscript_file as looks_like_torchscript
+
+    return looks_like_torchscript(path)

@@ -478,7 +478,7 @@ def train_model(records, seed=0, config=None, cache_dir=None, num_threads=1, log
     module = ShapeNet(config.layers)
     path = os.path.join(cache_dir, "model.pt") if cache_dir else None
 
-    saved = torch.load(path, map_location="cpu") if path and os.path.isfile(path) else None
+    saved = torch.load(path, map_location="cpu", weights_only=True) if path and os.path.isfile(path) else None
     if saved and saved.get("key") == key:
         module.load_state_dict(saved["state_dict"])
         log(f"Reusing the model trained before ({path})")

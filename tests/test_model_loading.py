@@ -1,8 +1,9 @@
 """Model files are loaded without running code from them.
 
 A crafted pickle whose unpickling writes a marker file is refused by every
-way a model path comes in: the Python API, the layer listing, the App's
-form (which is resolved before the user runs anything) and the operator;
+way a model path comes in: the Python API, the layer listings (including
+``model_layers``, which the App's form uses, since it is resolved before
+the user runs anything), the form itself and the operator;
 the marker never appears. Only an explicit ``trust_checkpoint=True`` from
 Python unpickles a whole model. The shared CIFAR ResNet-20 checkpoint, a
 plain pickle of tensors, keeps loading without any trust flag.
@@ -22,7 +23,7 @@ from PIL import Image
 
 import cam_plugin
 from builders import cifar_dataset
-from cam_plugin import ModelError, forms, load_classifier
+from cam_plugin import ModelError, load_classifier
 from cam_plugin.cams.torchscript import HookableScriptModule
 from cam_plugin.cifar_resnet import CIFAR10_CLASSES, resnet20
 
@@ -99,19 +100,20 @@ def test_layer_candidates_refuses_a_crafted_pickle(crafted):
             cam_plugin.layer_candidates(spec)
 
 
-def test_form_layer_choices_never_load_the_file(crafted):
+def test_model_layers_never_load_the_file(crafted):
+    # what the App's form lists its layers with
     path, _ = crafted
-    names, default, error = forms.layer_choices(str(path))
-    assert (names, default) == ([], None)
-    assert "not a TorchScript file" in error and REFUSED in error, error
+    with pytest.raises(ModelError, match=REFUSED) as info:
+        cam_plugin.model_layers(str(path))
+    assert "not a TorchScript file" in str(info.value), info.value
 
     # with an architecture the layers come from the architecture alone: had
     # the file been loaded, even safely, it would have been refused
-    names, default, error = forms.layer_choices(f"cifar10_resnet20:{path}")
-    assert (default, error) == ("layer3", None)
+    names, default = cam_plugin.model_layers(f"cifar10_resnet20:{path}")
+    assert default == "layer3"
     assert names[0] == "layer3"
-    names, default, error = forms.layer_choices(f"resnet18:{path}")
-    assert (default, error) == ("layer4", None)
+    names, default = cam_plugin.model_layers(f"resnet18:{path}")
+    assert default == "layer4"
 
 
 @pytest.fixture
@@ -146,9 +148,14 @@ def test_the_app_form_never_loads_a_crafted_pickle(crafted, dataset):
 
     # with its architecture named, the layer dropdown is filled from the
     # architecture alone
-    props = _form(dataset, model_source="file", model_path=str(path), architecture="cifar10_resnet20")
-    assert _errors(props) == {}
-    assert props["target_layer"]["default"] == "layer3"
+    for architecture, default in (("cifar10_resnet20", "layer3"), ("resnet18", "layer4")):
+        props = _form(dataset, model_source="file", model_path=str(path), architecture=architecture)
+        assert _errors(props) == {}
+        assert props["target_layer"]["default"] == default
+        # and as a complete specification from Python
+        props = _form(dataset, model=f"{architecture}:{path}")
+        assert "layer_error" not in props and _errors(props) == {}
+        assert props["target_layer"]["default"] == default
 
 
 def test_the_operator_refuses_a_crafted_pickle(crafted, dataset):
@@ -170,8 +177,8 @@ def test_a_pickled_model_loads_only_when_trusted(tmp_path):
         load_classifier(path)
     # torch names what the file would have run
     assert "cam_plugin.cifar_resnet.CifarResNet" in str(info.value)
-    names, default, error = forms.layer_choices(str(path))
-    assert names == [] and "not a TorchScript file" in error
+    with pytest.raises(ModelError, match="not a TorchScript file"):
+        cam_plugin.model_layers(str(path))
 
     clf = load_classifier(path, transforms=torchvision.transforms.ToTensor(), trust_checkpoint=True)
     x = torch.randn(2, 3, 32, 32)
@@ -216,8 +223,8 @@ def test_torchscript_files_and_modules_are_inspected_and_loaded(tmp_path):
     path = tmp_path / "resnet20.pt"
     torch.jit.save(scripted, str(path))
 
-    names, default, error = forms.layer_choices(str(path))
-    assert (default, error) == ("layer3", None)
+    names, default = cam_plugin.model_layers(str(path))
+    assert default == "layer3"
 
     x = torch.randn(2, 3, 32, 32)
     for source in (path, scripted):

@@ -92,10 +92,14 @@ def test_a_kill_after_any_database_write_resumes_exactly(dataset_name, cifar_dir
 
         dataset.reload()
         # a sample is either wholly there or not at all
-        has = {f: set(dataset.exists(f).values("id")) for f in ("cam_prediction", "cam", "cam_gt")}
+        has = {
+            f: set(dataset.exists(f).values("id")) if dataset.has_sample_field(f) else set()
+            for f in ("cam_prediction", "cam", "cam_gt")
+        }
         assert has["cam_prediction"] == has["cam"] == has["cam_gt"], k
         stored_before_resume.append(len(has["cam"]))
-        mtimes = {p: os.path.getmtime(p) for p in dataset.exists("cam").values("cam.map_path")}
+        stored = dataset.select(list(has["cam"])).values("cam.map_path") if has["cam"] else []
+        mtimes = {p: os.path.getmtime(p) for p in stored}
 
         if cam_plugin.list_runs(dataset):
             summary = cam_plugin.compute_cams(
@@ -159,6 +163,14 @@ def test_a_clone_continues_a_run_in_files_of_its_own(dataset_name, cifar_dir, re
         new_dir = cam_plugin.get_run(clone, "cam")["files_dir"]
         assert new_dir != original_dir and len(_files(new_dir)) == 3
         assert _files(original_dir) == before
+
+        # the original's run goes; the files the clone still shows stay ...
+        cam_plugin.delete_run(dataset, "cam")
+        assert _files(original_dir) == before
+        assert all(os.path.isfile(p) for p in clone.values("cam.map_path"))
+        # ... until the clone's run goes too
+        cam_plugin.delete_run(clone, "cam")
+        assert not Path(original_dir).exists() and not Path(new_dir).exists()
     finally:
         fo.delete_dataset(f"{dataset_name}_clone")
 
@@ -431,3 +443,29 @@ def test_deleting_a_run_while_it_runs(dataset_name, cifar_dir, resnet20, tmp_pat
             proc.kill()
     assert "was deleted while it was running" in out.decode(), err.decode()[-2000:]
     assert "FINISHED" not in out.decode()
+
+
+def test_grouped_datasets_process_the_current_slice_and_say_so(dataset_name, cifar_dir, resnet20):
+    paths = [str(p) for p in sorted(Path(cifar_dir).glob("*/*.jpg"))[:6]]
+    dataset = fo.Dataset(dataset_name)
+    dataset.add_group_field("group", default="left")
+    samples = []
+    for left, right in zip(paths[0::2], paths[1::2]):
+        group = fo.Group()
+        samples += [
+            fo.Sample(filepath=left, group=group.element("left")),
+            fo.Sample(filepath=right, group=group.element("right")),
+        ]
+    dataset.add_samples(samples)
+
+    summary = cam_plugin.compute_cams(dataset, resnet20)
+    assert summary.group_slice == "left" and "slice 'left'" in str(summary)
+    assert summary.processed == 3
+    right = dataset.select_group_slices("right")
+    assert right.count("cam") == 0 and dataset.select_group_slices("left").count("cam") == 3
+
+    dataset.group_slice = "right"
+    with pytest.raises(cam_plugin.RunError, match="group_slice"):
+        cam_plugin.compute_cams(dataset, resnet20)
+    cam_plugin.compute_cams(dataset, resnet20, heatmap_field="cam_right", pred_field="pred_right")
+    assert dataset.select_group_slices("right").count("cam_right") == 3

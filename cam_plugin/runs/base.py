@@ -64,6 +64,7 @@ class RunSummary:
         shards: the shards this call ran
         busy_shards: shards skipped because a live worker holds them
         queued: the delegated operation ids, when the call queued shards
+        group_slice: of a grouped dataset, the slice that was processed
     """
 
     key: str
@@ -79,6 +80,7 @@ class RunSummary:
     shards: list = field(default_factory=list)
     busy_shards: list = field(default_factory=list)
     queued: list = field(default_factory=list)
+    group_slice: str = None
 
     def __str__(self):
         if self.queued:
@@ -87,6 +89,8 @@ class RunSummary:
             f"Run '{self.key}': {self.processed} processed, {self.failed} "
             f"failed, {self.skipped} already done ({self.seconds:.1f} s), {self.status}"
         )
+        if self.group_slice:
+            text += f"; slice '{self.group_slice}' of the grouped dataset"
         if self.busy_shards:
             text += f"; shards {self.busy_shards} are held by other live workers"
         for reason, count in sorted(self.errors.items(), key=lambda x: -x[1]):
@@ -263,7 +267,7 @@ def _open_record(run, overwrite, num_shards, output_root):
             "not starting with a digit"
         )
 
-    identity = dict(run.config(), method=run.method)
+    identity = dict(run.config(), group_slice=group_slice_of(samples), method=run.method)
     dataset.reload()
     if key in dataset.list_runs():
         existing = records.get_run(samples, key)
@@ -441,8 +445,14 @@ def iter_execute(run, *, shard=None, num_shards=1, overwrite=False, retry_failed
         files.remove_temporary()
 
     summary = RunSummary(
-        key=run.key, fields=list(fields), files_dir=config.get("files_dir") or "", resumed=resumed
+        key=run.key,
+        fields=list(fields),
+        files_dir=config.get("files_dir") or "",
+        resumed=resumed,
+        group_slice=group_slice_of(samples),
     )
+    if summary.group_slice:
+        logger.info("Run '%s' processes slice '%s' of the grouped dataset", run.key, summary.group_slice)
     todo = _todo_filter(run, samples, retry_failed)
     all_ids = todo.values("id")
     summary.skipped = count_state(run, samples)["samples"] - len(all_ids)

@@ -43,10 +43,9 @@ STATE_KEYS = (
     "uid",
     "shards",
     "num_shards",
-    "view",
-    "group_slice",
     "error",
     "foreign_files_dirs",
+    "inherited_files_dirs",
     "key",
     "timestamp",
     "cls",
@@ -396,13 +395,12 @@ def delete_run(samples, key, cleanup_files=True):
     if owned:
         dataset.delete_sample_fields(owned)
 
-    files_dir = config.get("files_dir")
-    if cleanup_files and files_dir and os.path.isdir(files_dir):
-        if str(config.get("dataset_id")) == str(dataset._doc.id):
+    if cleanup_files and str(config.get("dataset_id")) == str(dataset._doc.id):
+        owned_dirs = [config.get("files_dir")] + list(config.get("inherited_files_dirs") or [])
+        for files_dir in [d for d in owned_dirs if d and os.path.isdir(d)]:
             heir = _other_user_of(files_dir, dataset._doc.id)
-            files = RunFiles(files_dir, files_owner(config))
             if heir is None:
-                removed += files.remove()
+                removed += RunFiles(files_dir, files_owner(config)).remove()
             else:
                 _hand_over(files_dir, config, heir)
 
@@ -417,23 +415,40 @@ def files_owner(config):
 
 
 def _other_user_of(files_dir, dataset_id):
-    """A run document of another dataset (a clone) whose run uses these
-    files, or None."""
+    """A run document of another dataset (a clone) whose samples still point
+    at files in this directory, or None."""
     return _runs_collection().find_one(
-        {"config.files_dir": files_dir, "_dataset_id": {"$ne": dataset_id}}
+        {
+            "$or": [
+                {"config.files_dir": files_dir},
+                {"config.foreign_files_dirs": files_dir},
+                {"config.inherited_files_dirs": files_dir},
+            ],
+            "_dataset_id": {"$ne": dataset_id},
+        }
     )
 
 
 def _hand_over(files_dir, config, heir):
-    """Passes a run's files to the clone that still uses them: its record
-    and the directory's marker name the clone as owner."""
+    """Passes files a clone still uses to that clone: the directory's marker
+    names it, and its record lists the directory as its own (its
+    ``files_dir``, or an inherited one), so deleting its run removes them."""
     import json
 
     from ..store.files import MARKER
 
+    heir_config = heir.get("config") or {}
     heir_id = str(heir.get("_dataset_id"))
-    _runs_collection().update_one({"_id": heir["_id"]}, {"$set": {"config.dataset_id": heir_id}})
-    owner = dict(files_owner(config), dataset_id=heir_id)
+    if heir_config.get("files_dir") == files_dir:
+        # a clone that never continued the run: the directory becomes its own
+        update = {"$set": {"config.dataset_id": heir_id}}
+        owner = {"dataset_id": heir_id, "uid": heir_config.get("uid")}
+    else:
+        update = {
+            "$addToSet": {"config.inherited_files_dirs": files_dir},
+            "$pull": {"config.foreign_files_dirs": files_dir},
+        }
+        owner = files_owner(dict(heir_config, dataset_id=heir_id))
+    _runs_collection().update_one({"_id": heir["_id"]}, update)
     with open(os.path.join(files_dir, MARKER), "w") as f:
         json.dump(owner, f, sort_keys=True)
-

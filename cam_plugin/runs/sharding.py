@@ -57,7 +57,10 @@ def queue(run_cls, operator, samples, model_or_args, params, options):
                 "torchvision name, a TorchScript file or '<architecture>:<checkpoint>'"
             )
         run_type = run_cls(samples, model, **params)
-        op_params = dict(params, model=os.fspath(model))
+        # the operator reads a missing `targets` as its form's default, "pred":
+        # pass the library's default (pred, + gt with labels) in the form's terms
+        targets = params.get("targets") or ("both" if params.get("label_field") else "pred")
+        op_params = dict(params, model=os.fspath(model), targets=targets)
     else:
         run_type = run_cls(samples, *model_or_args, **params)
         op_params = dict(params, heatmap_field=model_or_args[0], region_field=model_or_args[1])

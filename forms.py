@@ -1,18 +1,19 @@
 """The App forms of the plugin's operators: inputs, choices and validation
-shown to the user before anything runs.
+shown to the user before anything runs, and the tables of their outputs.
 
 Each ``*_inputs(ctx, inputs)`` function adds its properties to a
 ``types.Object`` and returns whether the form is complete and valid.
+
+Part of the plugin, not of the library: like the operators, it uses only
+the public API of :mod:`cam_plugin`.
 """
 
-import functools
 import os
 
 import fiftyone as fo
 import fiftyone.operators.types as types
 
-from . import runs
-from .cams import METHODS
+import cam_plugin
 
 MODEL_SOURCES = {
     "torchvision": "A torchvision classifier (weights download on first use)",
@@ -41,17 +42,6 @@ def model_spec(params):
     return f"{name}:{weights}" if weights else name
 
 
-@functools.lru_cache(maxsize=32)
-def _layer_choices(probe_spec, mtime):
-    """The layers of a probe specification from
-    :func:`cam_plugin.models.layer_probe_spec` (random weights or a
-    TorchScript file), cached; ``mtime`` is the file's, so that a rewritten
-    file is probed again."""
-    import cam_plugin
-
-    return cam_plugin.layer_candidates(probe_spec)
-
-
 def layer_choices(spec):
     """Usable layers of a model, last first, and the default, or an error
     message.
@@ -61,13 +51,9 @@ def layer_choices(spec):
     file): the layers come from the architecture with random weights, which
     alone decides them, and from TorchScript files, which run no Python. A
     pickled model without an architecture gets a message instead. Nothing
-    is downloaded either."""
-    from .models import layer_probe_spec
-
+    is downloaded either (:func:`cam_plugin.model_layers`)."""
     try:
-        probe_spec, path = layer_probe_spec(spec)
-        mtime = os.path.getmtime(path) if path is not None else None
-        names, default = _layer_choices(probe_spec, mtime)
+        names, default = cam_plugin.model_layers(spec)
     except Exception as e:
         return [], None, str(e)
 
@@ -80,8 +66,6 @@ def model_inputs(ctx, inputs):
     A model file is only looked at, never loaded: one that is neither
     TorchScript nor given with its architecture is refused here, since only
     unpickling could tell what it holds."""
-    from .models import is_torchscript_file, torchvision_classifier_names, torchvision_weight_names
-
     if ctx.params.get("model"):
         # a complete specification given from Python
         inputs.str("model", required=True, label="Model")
@@ -112,7 +96,7 @@ def model_inputs(ctx, inputs):
             return None
 
         archs = types.DropdownView()
-        for name in CHECKPOINT_ARCHITECTURES + torchvision_classifier_names():
+        for name in CHECKPOINT_ARCHITECTURES + cam_plugin.torchvision_classifiers():
             archs.add_choice(name, label=name)
         inputs.str(
             "architecture",
@@ -126,7 +110,7 @@ def model_inputs(ctx, inputs):
             description="Comma-separated, in the order of the model's outputs; "
             "needed to name predictions and to match ground-truth labels",
         )
-        if path and not ctx.params.get("architecture") and not is_torchscript_file(path):
+        if path and not ctx.params.get("architecture") and not cam_plugin.is_torchscript_file(path):
             prop.invalid = True
             prop.error_message = (
                 f"{path} is not a TorchScript file. Choose the architecture of "
@@ -138,7 +122,7 @@ def model_inputs(ctx, inputs):
             return None
     else:
         names = types.AutocompleteView()
-        for name in torchvision_classifier_names():
+        for name in cam_plugin.torchvision_classifiers():
             names.add_choice(name, label=name)
         prop = inputs.str(
             "torchvision_model",
@@ -147,7 +131,7 @@ def model_inputs(ctx, inputs):
             view=names,
         )
         name = ctx.params.get("torchvision_model") or DEFAULT_TORCHVISION_MODEL
-        weights = torchvision_weight_names(name)
+        weights = cam_plugin.torchvision_weights(name)
         if not weights:
             prop.invalid = True
             prop.error_message = f"'{name}' is not a torchvision classifier"
@@ -170,7 +154,7 @@ def model_inputs(ctx, inputs):
 
 def method_inputs(inputs):
     choices = types.DropdownView()
-    for name, spec in METHODS.items():
+    for name, spec in cam_plugin.METHODS.items():
         choices.add_choice(name, label=name, description=spec.description)
     inputs.enum(
         "method",
@@ -265,8 +249,8 @@ def new_field_input(
     fields = {value: (ftype, doc_type)}
     fields.update({f"{value}{suffix}": (ftype, doc_type) for suffix in derived})
     try:
-        runs.records.check_fields(ctx.dataset, run_key, fields)
-    except runs.RunError as e:
+        cam_plugin.check_fields(ctx.dataset, run_key, fields)
+    except cam_plugin.RunError as e:
         prop.invalid = True
         prop.error_message = str(e)
         return None
@@ -385,12 +369,7 @@ def _fields_of(samples, doc_types):
 def heatmap_field_input(ctx, inputs, samples, with_metrics=False):
     """A dropdown of the dataset's heatmap fields (optionally only those with
     attention metrics). Returns the chosen field or None."""
-    from .runs.attention import metric_field
-
-    names = _fields_of(samples, fo.Heatmap)
-    if with_metrics:
-        schema = samples.get_field_schema()
-        names = [n for n in names if metric_field(n, "object_energy") in schema]
+    names = attention_fields(samples) if with_metrics else _fields_of(samples, fo.Heatmap)
 
     if not names:
         message = (
@@ -413,15 +392,13 @@ def heatmap_field_input(ctx, inputs, samples, with_metrics=False):
 
 def compute_attention_inputs(ctx, inputs):
     """The compute_attention form. Returns True when complete and valid."""
-    from .runs.attention import REGION_TYPES
-
     samples = ctx.target_view()
     heatmap_field = heatmap_field_input(ctx, inputs, samples)
     if heatmap_field is None:
         return False
 
     regions = types.DropdownView()
-    for name in _fields_of(samples, REGION_TYPES):
+    for name in _fields_of(samples, cam_plugin.REGION_TYPES):
         regions.add_choice(name, label=name)
     inputs.str(
         "region_field",
@@ -442,8 +419,8 @@ def compute_attention_inputs(ctx, inputs):
     region_field = ctx.params.get("region_field")
     overwrite = ctx.params.get("overwrite", False)
     key = f"{heatmap_field}_attention"
-    if key in runs.list_runs(samples) and not overwrite:
-        existing = runs.get_run(samples, key)
+    if key in cam_plugin.list_runs(samples) and not overwrite:
+        existing = cam_plugin.get_run(samples, key)
         if existing.get("region_field") != region_field:
             prop = inputs.view(
                 "exists",
@@ -459,7 +436,7 @@ def compute_attention_inputs(ctx, inputs):
             types.Notice(label=f"Continues run '{key}': only samples not yet measured are computed"),
         )
 
-    return region_field is None or region_field in _fields_of(samples, REGION_TYPES)
+    return region_field is None or region_field in _fields_of(samples, cam_plugin.REGION_TYPES)
 
 
 def compute_attention_kwargs(params):
@@ -485,9 +462,7 @@ def compute_attention_kwargs(params):
 
 
 def threshold_inputs(inputs, with_views=True):
-    from .views import VIEW_DESCRIPTIONS, Thresholds
-
-    t = Thresholds()
+    t = cam_plugin.Thresholds()
     inputs.float(
         "background_focus",
         default=t.background_focus,
@@ -506,7 +481,7 @@ def threshold_inputs(inputs, with_views=True):
     if with_views:
         inputs.float("confidence", default=t.confidence, min=0, max=1, label="Confident from")
         choices = types.DropdownView()
-        for name, description in VIEW_DESCRIPTIONS.items():
+        for name, description in cam_plugin.VIEW_DESCRIPTIONS.items():
             choices.add_choice(name, label=name, description=description)
         inputs.enum(
             "open_view",
@@ -518,15 +493,23 @@ def threshold_inputs(inputs, with_views=True):
 
 
 def thresholds_from(params):
-    from .views import Thresholds
-
-    t = Thresholds()
-    return Thresholds(
+    """The thresholds of a completed form as the keyword arguments of
+    :func:`cam_plugin.attention_views` (``background_focus``,
+    ``object_focus``, ``max_object_area``, ``confidence``)."""
+    t = cam_plugin.Thresholds()
+    return dict(
         background_focus=float(params.get("background_focus", t.background_focus)),
         object_focus=float(params.get("object_focus", t.object_focus)),
         max_object_area=float(params.get("max_object_area", t.max_object_area)),
         confidence=float(params.get("confidence", t.confidence)),
     )
+
+
+def summary_thresholds_from(params):
+    """The thresholds of a completed form that
+    :func:`cam_plugin.class_summary` takes."""
+    t = thresholds_from(params)
+    return dict(background_focus=t["background_focus"], max_object_area=t["max_object_area"])
 
 
 SUMMARY_COLUMNS = [
@@ -584,17 +567,39 @@ RUN_COLUMNS = [
     ("fields", "Fields"),
     ("processed", "Processed"),
     ("failed", "Failed"),
+    ("todo", "To do"),
+    ("shards", "Shards"),
     ("timestamp", "Started"),
 ]
+
+# the order shard states are listed in; "waiting": no worker has taken the
+# shard yet (a queued delegated operation)
+SHARD_STATES = ("done", "running", "stale", "failed", "waiting")
+
+
+def shards_text(config):
+    """A sharded run's shards in a few words, e.g. ``"4: 2 done, 1 running,
+    1 stale"``; ``"-"`` for a run that is not sharded."""
+    num_shards = int(config.get("num_shards") or 1)
+    if num_shards <= 1:
+        return "-"
+
+    shards = config.get("shards") or {}
+    states = [(shards.get(str(s)) or {}).get("state") or "waiting" for s in range(num_shards)]
+    counts = {state: states.count(state) for state in SHARD_STATES if state in states}
+    # a state this module does not know yet still shows
+    counts.update({state: states.count(state) for state in states if state not in counts})
+    return f"{num_shards}: " + ", ".join(f"{n} {state}" for state, n in counts.items())
 
 
 def run_rows(samples):
     """One row per run of this plugin, for the App's run manager."""
+    cam_runs = set(cam_plugin.list_runs(samples, "cams"))
     rows = []
-    for key in runs.list_runs(samples):
-        config = runs.get_run(samples, key)
+    for key in cam_plugin.list_runs(samples):
+        config = cam_plugin.get_run(samples, key)
         counts = config.get("counts") or {}
-        if config.get("method") == runs.CAM_RUN:
+        if key in cam_runs:
             kind = "cams"
             what = f"{config.get('cam_method')} at {config.get('layer')} of {config.get('model')}"
         else:
@@ -607,8 +612,10 @@ def run_rows(samples):
                 "status": config.get("status"),
                 "what": what,
                 "fields": ", ".join(config.get("fields") or []),
-                "processed": counts.get("processed", counts.get("samples")),
-                "failed": counts.get("failed", counts.get("errors")),
+                "processed": counts.get("processed"),
+                "failed": counts.get("failed"),
+                "todo": counts.get("todo"),
+                "shards": shards_text(config),
                 "timestamp": (config.get("timestamp") or "")[:19].replace("T", " "),
             }
         )
@@ -617,7 +624,7 @@ def run_rows(samples):
 
 def run_key_input(ctx, inputs):
     """A dropdown of this plugin's runs; returns the chosen key or None."""
-    keys = runs.list_runs(ctx.dataset)
+    keys = cam_plugin.list_runs(ctx.dataset)
     if not keys:
         prop = inputs.view("no_runs", types.Warning(label="This dataset has no CAM runs"))
         prop.invalid = True
@@ -635,9 +642,11 @@ def delete_run_inputs(ctx, inputs):
     if key is None:
         return False
 
-    config = runs.get_run(ctx.dataset, key)
+    config = cam_plugin.get_run(ctx.dataset, key)
     dependents = [
-        k for k in runs.list_runs(ctx.dataset) if key in (runs.get_run(ctx.dataset, k).get("depends_on") or [])
+        k
+        for k in cam_plugin.list_runs(ctx.dataset)
+        if key in (cam_plugin.get_run(ctx.dataset, k).get("depends_on") or [])
     ]
     text = f"Deletes fields {', '.join(config.get('fields') or [])}"
     if config.get("files_dir"):
@@ -648,9 +657,10 @@ def delete_run_inputs(ctx, inputs):
     return True
 
 
-def summary_panel_fields(samples):
-    """Heatmap fields with attention metrics: what the summary panel offers."""
-    from .runs.attention import metric_field
-
+def attention_fields(samples):
+    """Heatmap fields with attention metrics: what the views, the summary
+    and its panel offer."""
     schema = samples.get_field_schema()
-    return [n for n in _fields_of(samples, fo.Heatmap) if metric_field(n, "object_energy") in schema]
+    return [
+        n for n in _fields_of(samples, fo.Heatmap) if cam_plugin.metric_field(n, "object_energy") in schema
+    ]
