@@ -328,7 +328,8 @@ def compute_cams_kwargs(params):
     """The :func:`cam_plugin.compute_cams` keyword arguments of a completed
     form, or of the parameters a Python caller or a queued shard gave."""
     targets = {"pred": ["pred"], "gt": ["gt"], "both": ["pred", "gt"]}
-    target = params.get("targets") or "pred"
+    # queued shards carry the run's targets in the library's terms
+    target = params.get("target_list") or params.get("targets") or "pred"
     classes = params.get("classes") or []
     if isinstance(classes, str):
         classes = [c.strip() for c in classes.split(",") if c.strip()]

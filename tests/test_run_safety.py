@@ -469,3 +469,109 @@ def test_grouped_datasets_process_the_current_slice_and_say_so(dataset_name, cif
         cam_plugin.compute_cams(dataset, resnet20)
     cam_plugin.compute_cams(dataset, resnet20, heatmap_field="cam_right", pred_field="pred_right")
     assert dataset.select_group_slices("right").count("cam_right") == 3
+
+
+_SAME_RUN_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import fiftyone as fo
+    import cam_plugin
+
+    dataset = fo.load_dataset(sys.argv[1])
+    summary = cam_plugin.compute_cams(dataset, sys.argv[2], batch_size=2, num_workers=0)
+    print("RESULT", summary.processed, summary.busy_shards)
+    """
+)
+
+
+def test_the_same_run_started_twice_at_once_computes_each_sample_once(
+    dataset_name, cifar_dir, resnet20, tmp_path
+):
+    dataset = cifar_dataset(dataset_name, cifar_dir, per_class=3)
+    script = tmp_path / "run.py"
+    script.write_text(_SAME_RUN_SCRIPT)
+    procs = [
+        subprocess.Popen([sys.executable, str(script), dataset_name, resnet20], stdout=subprocess.PIPE)
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=300)[0].decode() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0]
+    results = [l.split(" ", 2)[1:] for out in outs for l in out.splitlines() if l.startswith("RESULT")]
+    processed = sorted(int(r[0]) for r in results)
+    # one of them did the run (or both, one after the other, nothing twice)
+    assert sum(processed) == len(dataset), results
+    dataset.reload()
+    assert cam_plugin.list_runs(dataset) == ["cam"]
+    run = cam_plugin.get_run(dataset, "cam")
+    assert run["counts"]["processed"] == len(dataset)
+    root = Path(run["files_dir"]).parent
+    assert [p.name for p in root.iterdir()] == [Path(run["files_dir"]).name]  # no second directory
+    assert len(_files(run["files_dir"])) == len(dataset)
+
+
+_WORKER_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import fiftyone as fo
+    import cam_plugin
+
+    dataset = fo.load_dataset(sys.argv[1])
+    try:
+        summary = cam_plugin.compute_cams(dataset, sys.argv[2], batch_size=1, num_workers=0)
+        print("RESULT", summary.processed, summary.busy_shards, flush=True)
+    except cam_plugin.RunError as e:
+        print("ERROR", e, flush=True)
+    """
+)
+
+
+def test_a_hung_worker_is_taken_over_and_stops_writing(
+    dataset_name, cifar_dir, resnet20, tmp_path, monkeypatch
+):
+    """A worker that stops answering (SIGSTOP: a hung process, a machine
+    off the network) goes stale; another takes its shard over; when the
+    first comes back it stops before writing again."""
+    from cam_plugin.runs import records
+
+    # this process judges staleness as the workers do
+    monkeypatch.setattr(records, "STALE_AFTER_S", 3.0)
+    dataset = cifar_dataset(dataset_name, cifar_dir, per_class=3)
+    script = tmp_path / "run.py"
+    script.write_text(_WORKER_SCRIPT)
+    env = dict(os.environ, CAM_PLUGIN_FLUSH_SECONDS="0", CAM_PLUGIN_STALE_AFTER_S="3")
+    first = subprocess.Popen(
+        [sys.executable, str(script), dataset_name, resnet20], env=env, stdout=subprocess.PIPE
+    )
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            dataset.reload()
+            if dataset.has_sample_field("cam") and dataset.count("cam") >= 3:
+                break
+            time.sleep(0.1)
+        first.send_signal(signal.SIGSTOP)
+        time.sleep(4)  # its heartbeat is now stale
+        dataset.reload()
+        frozen = set(dataset.exists("cam").values("id"))
+        assert cam_plugin.get_run(dataset, "cam")["shards"]["0"]["state"] == "stale"
+
+        second = subprocess.run(
+            [sys.executable, str(script), dataset_name, resnet20], env=env, capture_output=True, timeout=300
+        )
+        assert second.returncode == 0, second.stderr.decode()[-2000:]
+        line = [l for l in second.stdout.decode().splitlines() if l.startswith("RESULT")][0]
+        assert int(line.split()[1]) == len(dataset) - len(frozen)
+
+        dataset.reload()
+        after_takeover = dict(zip(*dataset.values(["id", "last_modified_at"])))
+        first.send_signal(signal.SIGCONT)
+        out = first.communicate(timeout=120)[0].decode()
+    finally:
+        if first.poll() is None:
+            first.send_signal(signal.SIGCONT)
+            first.kill()
+    assert "was taken over by another worker" in out, out
+    dataset.reload()
+    # the first worker wrote nothing after it came back
+    assert dict(zip(*dataset.values(["id", "last_modified_at"]))) == after_takeover
+    _assert_complete(dataset, fields=("cam_prediction", "cam"))

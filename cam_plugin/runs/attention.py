@@ -84,10 +84,12 @@ class AttentionRunType(RunType):
         batch_size=256,
         device=None,
     ):
-        check_collection(samples)
+        samples = check_collection(samples)
         self.samples = samples
         self.dataset = samples._root_dataset
         self.heatmap_field = heatmap_field
+        # samples without a map (failed CAMs) have nothing to measure
+        self.candidate_field = heatmap_field
         self.region_field = region_field
         self.mask_values = set(mask_values) if mask_values is not None else None
         self.heatmap_threshold = heatmap_threshold
@@ -177,9 +179,6 @@ class AttentionRunType(RunType):
     def depends_on(self):
         return [self.cam_key] if self.cam_key else []
 
-    def candidates(self, view):
-        # samples without a map (failed CAMs) have nothing to measure
-        return view.exists(self.heatmap_field)
 
     def outputs(self, ids, files):
         with ThreadPoolExecutor(max_workers=4) as pool:
@@ -187,7 +186,7 @@ class AttentionRunType(RunType):
                 yield self._compute_chunk(ids[start : start + self.batch_size], pool)
 
     def _read(self, chunk):
-        paths = ["filepath", "metadata", self.heatmap_field]
+        paths = ["id", "filepath", "metadata", self.heatmap_field]
         paths += [p for p in (self.gt_heatmap_field, self.region_field) if p]
         if self.label_field:
             paths.append(f"{self.label_field}.label")
@@ -196,6 +195,7 @@ class AttentionRunType(RunType):
 
     def _compute_chunk(self, chunk, pool):
         data = self._read(chunk)
+        chunk = data["id"]  # without samples deleted since the ids were read
         n = len(chunk)
         out = {name: {} for name in self._fields}
 

@@ -113,6 +113,8 @@ class RunType:
     error_field = None
     #: subfolders of the run's file directory (empty: the run writes no files)
     file_targets = ()
+    #: the run applies to the samples that have this field (None: to all)
+    candidate_field = None
 
     def config(self):
         """The run's identity: a JSON-serialisable dict of what it computes."""
@@ -126,9 +128,6 @@ class RunType:
         """Keys of the runs whose outputs this run reads."""
         return []
 
-    def candidates(self, view):
-        """The samples this run applies to (by default all of the view)."""
-        return view
 
     def outputs(self, ids, files):
         """Computes the samples ``ids``; yields lists of
@@ -198,9 +197,13 @@ def shard_of(sample_id, num_shards):
 
 
 def check_collection(samples):
-    """Refuses collections whose samples are not the dataset's own images
-    (patches, frames and clips views: results would be stored on a
-    generated dataset and never reach yours)."""
+    """The collection a run works on: refuses those whose samples are not
+    the dataset's own images (patches, frames and clips views: results would
+    be stored on a generated dataset and never reach yours), and drops
+    ``select_fields``/``exclude_fields`` stages (same samples, and the run
+    must see the fields it writes)."""
+    import fiftyone.core.stages as fost
+
     if getattr(samples, "_is_patches", False):
         raise RunError(
             "This is a patches view: its samples are generated crops whose "
@@ -213,6 +216,14 @@ def check_collection(samples):
         )
     if samples.media_type == "video":
         raise RunError("Video datasets are not supported: run on an image dataset")
+    stages = getattr(samples, "_stages", None)
+    if stages and any(isinstance(s, (fost.SelectFields, fost.ExcludeFields)) for s in stages):
+        view = samples._root_dataset.view()
+        for stage in stages:
+            if not isinstance(stage, (fost.SelectFields, fost.ExcludeFields)):
+                view = view.add_stage(stage)
+        return view
+    return samples
 
 
 def group_slice_of(samples):
@@ -223,7 +234,8 @@ def group_slice_of(samples):
 
 
 def _todo_filter(run, view, retry_failed):
-    view = run.candidates(view)
+    if run.candidate_field:
+        view = view.exists(run.candidate_field)
     for name in run.done_fields:
         view = view.exists(name, False)
     if run.error_field and not retry_failed:
@@ -231,25 +243,20 @@ def _todo_filter(run, view, retry_failed):
     return view
 
 
+def values_by_id(samples, ids, fields, chunk=20000):
+    """``{id: (value of each field)}`` for the samples ``ids`` that still
+    exist, read in chunks (a shard may hold millions)."""
+    rows = {}
+    for start in range(0, len(ids), chunk):
+        values = samples.select(ids[start : start + chunk]).values(["id"] + list(fields))
+        for sample_id, *row in zip(*values):
+            rows[sample_id] = row
+    return rows
+
+
 def count_state(run, view):
-    """Counts derived from the data: ``samples`` in the view the run applies
-    to, ``processed`` (done), ``failed`` and ``todo``."""
-    view = run.candidates(view)
-    total = view.count()
-    done = view
-    for name in run.done_fields:
-        done = done.exists(name, False)
-    not_done = done.count()
-    failed = 0
-    if run.error_field:
-        failed = view.exists(run.error_field).count()
-    todo = not_done - failed if run.error_field else not_done
-    return {
-        "samples": total,
-        "processed": total - not_done,
-        "failed": failed,
-        "todo": max(0, todo),
-    }
+    """Counts derived from the data (see :func:`records.data_counts`)."""
+    return records.data_counts(view, run.done_fields, run.error_field, run.candidate_field)
 
 
 def _open_record(run, overwrite, num_shards, output_root):
@@ -267,8 +274,12 @@ def _open_record(run, overwrite, num_shards, output_root):
             "not starting with a digit"
         )
 
+    if not isinstance(num_shards, int) or isinstance(num_shards, bool) or num_shards < 1:
+        raise RunError(f"num_shards must be a positive whole number, got {num_shards!r}")
+
     identity = dict(run.config(), group_slice=group_slice_of(samples), method=run.method)
     dataset.reload()
+    replaced = None
     if key in dataset.list_runs():
         existing = records.get_run(samples, key)
         if existing.get("method") not in records.RUN_METHODS:
@@ -289,7 +300,14 @@ def _open_record(run, overwrite, num_shards, output_root):
                 )
             if live:
                 raise RunError(_live_message(key, live, "cannot be replaced"))
-            records.delete_run(samples, key)
+            if existing.get("method") != run.method or key in run.depends_on():
+                raise RunError(
+                    f"Run '{key}' is a {existing.get('method')} run"
+                    + (" whose outputs this run reads" if key in run.depends_on() else "")
+                    + "; overwrite only replaces a run of the same kind: choose another run_key"
+                )
+            # replaced once the new run's directory is known to be usable
+            replaced = key
         else:
             record = records.RunRecord.of(samples, key)
             return record, _continue(record, existing, run, num_shards, output_root, live), True
@@ -310,8 +328,20 @@ def _open_record(run, overwrite, num_shards, output_root):
         output_root=os.path.abspath(os.path.expanduser(root)) if run.file_targets else None,
         files_dir=run_dir(root, dataset.name, dataset._doc.id, key, uid) if run.file_targets else None,
     )
+    config.update(
+        done_fields=list(run.done_fields),
+        error_field=run.error_field,
+        candidate_field=run.candidate_field,
+    )
     _prepare_files(run, config)
+    if replaced is not None:
+        records.delete_run(samples, replaced)
     record = records.register(samples, key, run.method, config)
+    if record is None:
+        # another process registered this key a moment ago: continue its run
+        if run.file_targets:
+            _run_files(config).remove()
+        return _open_record(run, False, num_shards, output_root)
     return record, record.read(), False
 
 
@@ -323,7 +353,8 @@ def _continue(record, existing, run, num_shards, output_root, live):
     updates = {}
     if output_root is not None and run.file_targets:
         root = os.path.abspath(os.path.expanduser(output_root))
-        if root != existing.get("output_root"):
+        kept = existing.get("output_root") or ""
+        if os.path.realpath(root) != os.path.realpath(kept):
             raise RunError(
                 f"Run '{run.key}' keeps its files under {existing.get('output_root')}; "
                 f"to continue it, leave output_dir out or pass that directory (got "
@@ -353,6 +384,7 @@ def _continue(record, existing, run, num_shards, output_root, live):
 
     if updates:
         record.update(**updates)
+    record.set_view(run.samples)
     config = record.read()
     _prepare_files(run, config)
     return config
@@ -454,14 +486,12 @@ def iter_execute(run, *, shard=None, num_shards=1, overwrite=False, retry_failed
     if summary.group_slice:
         logger.info("Run '%s' processes slice '%s' of the grouped dataset", run.key, summary.group_slice)
     todo = _todo_filter(run, samples, retry_failed)
-    all_ids = todo.values("id")
-    summary.skipped = count_state(run, samples)["samples"] - len(all_ids)
+    summary.skipped = count_state(run, samples)["samples"] - todo.count()
     errors = Counter()
 
     shards = [shard] if shard is not None else list(range(num_shards))
     try:
         for s in shards:
-            ids = [i for i in all_ids if shard_of(i, num_shards) == s]
             token = records.new_token()
             holder = record.claim(s, token)
             if holder is not None:
@@ -470,6 +500,10 @@ def iter_execute(run, *, shard=None, num_shards=1, overwrite=False, retry_failed
                 summary.busy_shards.append(s)
                 continue
             summary.shards.append(s)
+            # read once the shard is held: another worker may have done it
+            ids = [i for i in todo.values("id") if shard_of(i, num_shards) == s]
+            if ids:
+                record.update(status="running")
             yield from _run_shard(run, record, s, token, ids, files, summary, errors, progress, flush_seconds)
         summary.errors = dict(errors)
         run.finish(dataset)
@@ -477,14 +511,24 @@ def iter_execute(run, *, shard=None, num_shards=1, overwrite=False, retry_failed
         run.close()
         summary.seconds = time.time() - started
         if record.exists():
-            counts = count_state(run, samples)
-            state = records.get_run(samples, run.key)
-            live = records.live_shards(state)
-            status = "completed" if counts["todo"] == 0 and not live else "running"
-            record.update(status=status, counts=dict(counts, errors=_error_reasons(run, samples)))
-            summary.status = status
+            summary.status = _record_status(run, record, samples)
             records.ensure_fields(dataset, fields)
     return summary
+
+
+def _record_status(run, record, samples):
+    """Writes the status and counts derived from the data: ``completed``
+    when no sample is left and no worker is live. Two shards ending at once
+    may each see the other still live; ``running`` is therefore never written
+    over ``completed``, which the last of them writes (a call that has work
+    to do sets ``running`` when it claims a shard)."""
+    counts = count_state(run, samples)
+    live = records.live_shards(records.get_run(samples, run.key, derive=False))
+    if counts["todo"] == 0 and not live:
+        record.update(status="completed", counts=counts)
+        return "completed"
+    record.update(unless_status="completed", status="running", counts=counts)
+    return records.get_run(samples, run.key, derive=False)["status"]
 
 
 def _run_shard(run, record, shard, token, ids, files, summary, errors, progress, flush_seconds):
@@ -492,10 +536,13 @@ def _run_shard(run, record, shard, token, ids, files, summary, errors, progress,
     heartbeat.start()
 
     def check_held():
-        if heartbeat.lost or not record.exists():
+        # before every write: a worker whose shard was taken over (or whose
+        # run was deleted) must not write again
+        if heartbeat.lost or not record.holds(shard, token):
             raise _lost(run, record, shard)
 
     status = "failed"
+    base_done = summary.processed + summary.failed
     try:
         with PngWriter(num_threads=max(1, min(8, (os.cpu_count() or 2) // 2))) as png:
             writer = SampleWriter(
@@ -510,18 +557,18 @@ def _run_shard(run, record, shard, token, ids, files, summary, errors, progress,
                     done = 0
                     for batch in run.outputs(ids, files):
                         for output in batch:
-                            if output.error is not None:
-                                errors[output.error.reason] += 1
-                                summary.failed += 1
-                            else:
-                                summary.processed += 1
                             writer.add(output)
                         done += len(batch)
                         pb.update(count=len(batch))
-                        yield summary.processed + summary.failed, len(ids)
+                        yield base_done + done, base_done + len(ids)
             finally:
                 # keep what is done, even when interrupted
-                writer.flush()
+                try:
+                    writer.flush()
+                finally:
+                    summary.processed += writer.processed
+                    summary.failed += writer.failed
+                    errors.update(writer.errors)
         status = "done"
     except FilesError as e:
         if not record.exists():
@@ -544,15 +591,3 @@ def _lost(run, record, shard):
         "(this one's heartbeat had gone stale); this worker stopped so that "
         "no two write the same samples"
     )
-
-
-def _error_reasons(run, samples):
-    """Failure reasons counted from the stored messages (``"<reason>:
-    <detail>"``)."""
-    if not run.error_field:
-        return {}
-    counts = Counter()
-    for message, n in samples.count_values(run.error_field).items():
-        if message is not None:
-            counts[message.split(": ", 1)[0]] += n
-    return dict(counts)

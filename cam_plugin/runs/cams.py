@@ -19,7 +19,7 @@ from ..models import input_shape_of, load_classifier
 from ..store.files import safe_name
 from ..store.writer import SampleOutput
 from . import records
-from .base import RunType, check_collection, stable_identity
+from .base import RunType, check_collection, stable_identity, values_by_id
 
 METHOD = records.CAM_RUN
 
@@ -123,7 +123,7 @@ class CamRunType(RunType):
         chunk_size=None,
         trust_checkpoint=False,
     ):
-        check_collection(samples)
+        samples = check_collection(samples)
         self.samples = samples
         self.dataset = samples._root_dataset
         self.key = run_key or heatmap_field
@@ -257,12 +257,14 @@ class CamRunType(RunType):
     def outputs(self, ids, files):
         if not ids:
             return
-        paths_by_id = dict(zip(*self.samples.select(ids).values(["id", "filepath"])))
-        paths = [paths_by_id[i] for i in ids]
+        fields = ["filepath"] + ([f"{self.label_field}.label"] if self.label_field else [])
+        rows = values_by_id(self.samples, ids, fields)
+        # samples deleted since the ids were read are simply gone
+        ids = [i for i in ids if i in rows]
+        paths = [rows[i][0] for i in ids]
         gt = [-1] * len(ids)
         if self.label_field:
-            labels = dict(zip(*self.samples.select(ids).values(["id", f"{self.label_field}.label"])))
-            gt = [self._gt_index.get(labels.get(i), -1) for i in ids]
+            gt = [self._gt_index.get(rows[i][1], -1) for i in ids]
 
         loader = image_loader(
             paths,

@@ -13,7 +13,7 @@ the files) and ``shards``: per shard, its ``status`` (``running``, ``done``,
 import os
 import socket
 import uuid
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 
 import fiftyone as fo
 import fiftyone.core.odm as foo
@@ -46,6 +46,9 @@ STATE_KEYS = (
     "error",
     "foreign_files_dirs",
     "inherited_files_dirs",
+    "done_fields",
+    "error_field",
+    "candidate_field",
     "key",
     "timestamp",
     "cls",
@@ -65,8 +68,10 @@ def register_method(method):
 
 
 def list_runs(samples, method=None):
-    """Keys of this plugin's runs on the dataset, optionally of one method."""
+    """Keys of this plugin's runs on the dataset, optionally of one method
+    (read fresh: another process may have registered one)."""
     dataset = samples._root_dataset
+    dataset.reload()
     keys = []
     for m in (method,) if method else RUN_METHODS:
         keys.extend(dataset.list_runs(method=m))
@@ -85,11 +90,16 @@ def _doc_id(dataset, key):
     return run_doc.id
 
 
-def get_run(samples, key):
+def get_run(samples, key, derive=True):
     """A run's configuration and state, read fresh from the database, as a
     plain dict with ``key``, ``method``, ``timestamp``, ``status``,
     ``counts``, ``files_dir`` and ``shards`` (each with its ``state``:
-    ``running``, ``stale``, ``done`` or ``failed``)."""
+    ``running``, ``stale``, ``done`` or ``failed``).
+
+    ``counts`` and ``status`` are derived from the data of the run's view at
+    the time of the call (``derive=False`` gives the stored ones): they
+    follow samples added or deleted since, and a killed run's record tells
+    what is stored."""
     dataset = samples._root_dataset
     doc = _runs_collection().find_one({"_id": _doc_id(dataset, key)})
     if doc is None:
@@ -99,11 +109,75 @@ def get_run(samples, key):
     config.pop("type", None)
     config["key"] = key
     config["timestamp"] = doc["timestamp"].isoformat() if doc.get("timestamp") else None
-    shards = config.get("shards") or {}
+    if config.get("dataset_id") is not None and str(config["dataset_id"]) != str(dataset._doc.id):
+        # a clone's copy of another dataset's run: those shards and their
+        # workers are the other dataset's, not this one's
+        config["shards"] = {}
     now = datetime.utcnow()
-    for shard in shards.values():
+    for shard in (config.get("shards") or {}).values():
         shard["state"] = shard_state(shard, now)
+    if derive and config.get("done_fields"):
+        view = run_view(dataset, doc)
+        if view is not None:
+            counts = data_counts(
+                view, config["done_fields"], config.get("error_field"), config.get("candidate_field")
+            )
+            config["counts"] = counts
+            live = any(s["state"] == "running" for s in (config.get("shards") or {}).values())
+            config["status"] = "completed" if counts["todo"] == 0 and not live else "running"
     return config
+
+
+def run_view(dataset, doc):
+    """The view a run was last called on (None if it cannot be rebuilt, say
+    a field its stages use was deleted)."""
+    import fiftyone.core.view as fov
+    from bson import json_util
+
+    stages = doc.get("view_stages")
+    if not stages:
+        return dataset.view()
+    try:
+        return fov.DatasetView._build(dataset, [json_util.loads(s) for s in stages])
+    except Exception:
+        return None
+
+
+def serialize_view(samples):
+    """The view's stages as FiftyOne stores them on run documents."""
+    from bson import json_util
+
+    if samples is samples._root_dataset:
+        return None
+    return [json_util.dumps(s) for s in samples._serialize(include_uuids=False)]
+
+
+def data_counts(view, done_fields, error_field=None, candidate_field=None):
+    """Counts derived from the data: ``samples`` the run applies to in the
+    view, ``processed`` (done), ``failed``, ``todo`` and ``errors`` (failure
+    reasons, from the stored ``"<reason>: <detail>"`` messages)."""
+    from collections import Counter
+
+    if candidate_field:
+        view = view.exists(candidate_field)
+    total = view.count()
+    missing = view
+    for name in done_fields:
+        missing = missing.exists(name, False)
+    not_done = missing.count()
+    failed = view.exists(error_field).count() if error_field else 0
+    errors = Counter()
+    if failed:
+        for message, n in view.count_values(error_field).items():
+            if message is not None:
+                errors[message.split(": ", 1)[0]] += n
+    return {
+        "samples": total,
+        "processed": total - not_done,
+        "failed": failed,
+        "todo": max(0, not_done - failed),
+        "errors": dict(errors),
+    }
 
 
 def shard_state(shard, now=None):
@@ -115,9 +189,17 @@ def shard_state(shard, now=None):
     return "running" if worker_alive(shard, now) else "stale"
 
 
+def _naive_utc(moment):
+    # with fo.config.timezone set, FiftyOne's client reads datetimes back
+    # timezone-aware; the plugin compares them in naive UTC
+    if moment is not None and moment.tzinfo is not None:
+        moment = moment.astimezone(timezone.utc).replace(tzinfo=None)
+    return moment
+
+
 def worker_alive(shard, now=None):
-    now = now or datetime.utcnow()
-    beat = shard.get("heartbeat")
+    now = _naive_utc(now) or datetime.utcnow()
+    beat = _naive_utc(shard.get("heartbeat"))
     if beat is None or now - beat > timedelta(seconds=STALE_AFTER_S):
         return False
     worker = shard.get("worker") or {}
@@ -165,13 +247,24 @@ class RunRecord:
         doc = _runs_collection().find_one({"_id": self.doc_id})
         return None if doc is None else dict(doc.get("config") or {})
 
+    def set_view(self, samples):
+        """Records the view of the latest call: the samples whose being done
+        makes the run ``completed``."""
+        _runs_collection().update_one(
+            {"_id": self.doc_id}, {"$set": {"view_stages": serialize_view(samples)}}
+        )
+
     def exists(self):
         return _runs_collection().count_documents({"_id": self.doc_id}, limit=1) > 0
 
-    def update(self, **values):
-        """Sets config entries (dotted names reach into ``shards``)."""
+    def update(self, unless_status=None, **values):
+        """Sets config entries (dotted names reach into ``shards``); with
+        ``unless_status``, only if the run's status is not that one."""
+        condition = {"_id": self.doc_id}
+        if unless_status is not None:
+            condition["config.status"] = {"$ne": unless_status}
         _runs_collection().update_one(
-            {"_id": self.doc_id}, {"$set": {f"config.{k}": v for k, v in values.items()}}
+            condition, {"$set": {f"config.{k}": v for k, v in values.items()}}
         )
         faults.database_write("record")
 
@@ -211,6 +304,13 @@ class RunRecord:
         doc = _runs_collection().find_one({"_id": self.doc_id}, {path: 1})
         return ((doc or {}).get("config") or {}).get("shards", {}).get(str(shard)) or {}
 
+    def holds(self, shard, token):
+        """Whether the run still exists and this token still holds the shard."""
+        doc = _runs_collection().find_one(
+            {"_id": self.doc_id, f"config.shards.{shard}.token": token}, {"_id": 1}
+        )
+        return doc is not None
+
     def heartbeat(self, shard, token, **extra):
         """Refreshes a held shard's heartbeat; False if it is no longer held
         (taken over as stale, or the run deleted)."""
@@ -235,12 +335,41 @@ class RunRecord:
 
 
 def register(samples, key, method, config):
-    """Registers a new run and returns its :class:`RunRecord`."""
+    """Registers a new run atomically: of two processes registering the same
+    key at once, exactly one succeeds (the dataset's run entry is set only
+    if absent), so they never compute the same run under two records.
+
+    Returns:
+        its :class:`RunRecord`, or None when another process registered the
+        key first
+    """
+    from copy import deepcopy
+
+    import fiftyone.constants as foc
+    from fiftyone.core.odm.runs import RunDocument
+
     dataset = samples._root_dataset
     run_config = dataset.init_run(method=method, **config)
-    dataset.register_run(key, run_config)
+    doc = RunDocument(
+        dataset_id=dataset._doc.id,
+        key=key,
+        version=foc.VERSION,
+        timestamp=datetime.utcnow(),
+        config=deepcopy(run_config.serialize()),
+        view_stages=serialize_view(samples),
+        results=None,
+    )
+    doc.save(upsert=True)
+    result = foo.get_db_conn().datasets.update_one(
+        {"_id": dataset._doc.id, f"runs.{key}": {"$exists": False}},
+        {"$set": {f"runs.{key}": doc.id}},
+    )
     faults.database_write("register")
-    return RunRecord.of(samples, key)
+    if result.modified_count != 1:
+        doc.delete()
+        return None
+    dataset.reload()
+    return RunRecord(dataset, key, doc.id)
 
 
 def new_uid():
@@ -255,10 +384,7 @@ def field_owners(samples):
     """Maps every field produced by this plugin's runs to its run key."""
     owners = {}
     for key in list_runs(samples):
-        try:
-            config = get_run(samples, key)
-        except Exception:
-            continue
+        config = get_run(samples, key, derive=False)
         for field in config.get("fields") or []:
             owners[field] = key
     return owners
@@ -381,13 +507,13 @@ def delete_run(samples, key, cleanup_files=True):
     from ..store.files import RunFiles
 
     dataset = samples._root_dataset
-    config = get_run(samples, key)
+    config = get_run(samples, key, derive=False)
     if config.get("method") not in RUN_METHODS:
         raise RunError(f"Run '{key}' was not made by this plugin")
 
     removed = 0
     for other in list_runs(samples):
-        if other != key and key in (get_run(samples, other).get("depends_on") or []):
+        if other != key and key in (get_run(samples, other, derive=False).get("depends_on") or []):
             removed += delete_run(samples, other, cleanup_files=cleanup_files)
 
     schema = dataset.get_field_schema()

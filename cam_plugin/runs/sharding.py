@@ -57,10 +57,10 @@ def queue(run_cls, operator, samples, model_or_args, params, options):
                 "torchvision name, a TorchScript file or '<architecture>:<checkpoint>'"
             )
         run_type = run_cls(samples, model, **params)
-        # the operator reads a missing `targets` as its form's default, "pred":
-        # pass the library's default (pred, + gt with labels) in the form's terms
-        targets = params.get("targets") or ("both" if params.get("label_field") else "pred")
-        op_params = dict(params, model=os.fspath(model), targets=targets)
+        # the run's resolved targets, in the library's terms: the operator's
+        # form only knows pred/gt/both, so they travel as `target_list`
+        op_params = dict(params, model=os.fspath(model), targets=None)
+        op_params["target_list"] = [t.spec or t.name for t in run_type.targets]
     else:
         run_type = run_cls(samples, *model_or_args, **params)
         op_params = dict(params, heatmap_field=model_or_args[0], region_field=model_or_args[1])
@@ -100,6 +100,9 @@ def queue(run_cls, operator, samples, model_or_args, params, options):
             request_delegation=True,
         )
         if result.error:
+            if not resumed and not summary.queued:
+                # nothing was queued: the run registered for it goes again
+                records.delete_run(samples, run_type.key)
             raise RunError(f"Queueing shard {shard} failed: {result.error_message or result.error}")
         summary.queued.append(str(result.result["id"]))
         summary.shards.append(shard)

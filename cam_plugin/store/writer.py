@@ -6,10 +6,13 @@ point to. On :meth:`SampleWriter.flush` the files are made durable first,
 then all samples go to MongoDB in one ``bulk_write`` whose operations each
 update one document atomically. A sample is thus either wholly written or
 not at all; a kill loses at most the samples since the last flush, which
-happens every ``flush_seconds``.
+happens every ``flush_seconds``. A sample deleted while it was computed is
+not written, and its files are removed; the writer counts what it wrote.
 """
 
+import os
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -68,7 +71,9 @@ class SampleWriter:
         self.flush_seconds = flush_seconds
         self.max_pending = max_pending
         self.before_write = before_write
-        self.written = 0
+        self.processed = 0
+        self.failed = 0
+        self.errors = Counter()
         self._pending = []
         self._last_flush = time.monotonic()
         self._field_objects = None
@@ -110,9 +115,25 @@ class SampleWriter:
                 update["$unset"] = unsets
             ops.append(UpdateOne({"_id": ObjectId(output.sample_id)}, update))
 
-        self.dataset._sample_collection.bulk_write(ops, ordered=False)
-        self.written += len(ops)
+        coll = self.dataset._sample_collection
+        result = coll.bulk_write(ops, ordered=False)
         faults.database_write("samples")
+        written = pending
+        if result.matched_count < len(ops):
+            # samples deleted while they were computed: their files go too
+            ids = [ObjectId(o.sample_id) for o in pending]
+            present = {str(d["_id"]) for d in coll.find({"_id": {"$in": ids}}, {"_id": 1})}
+            written = [o for o in pending if o.sample_id in present]
+            for output in pending:
+                if output.sample_id not in present:
+                    for path, _ in output.files:
+                        _remove(path)
+        for output in written:
+            if output.error is None:
+                self.processed += 1
+            else:
+                self.failed += 1
+                self.errors[output.error.reason] += 1
 
     def _fields(self):
         if self._field_objects is None:
@@ -123,3 +144,10 @@ class SampleWriter:
                 raise RuntimeError(f"fields {missing} are not declared on the dataset")
             self._field_objects = {f: schema[f] for f in self.fields}
         return self._field_objects
+
+
+def _remove(path):
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
