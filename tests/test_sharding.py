@@ -341,3 +341,30 @@ def test_queued_shards_carry_every_kind_of_target(dataset_name, cifar_dir, resne
         assert dataset.count(field) == len(dataset), field
     run = cam_plugin.get_run(dataset, "cam")
     assert run["status"] == "completed" and sorted(run["shards"]) == ["0", "1"]
+
+
+def test_attention_runs_shard_the_same_way(dataset_name, cifar_dir, resnet20_path):
+    import fiftyone as fo
+    import fiftyone.operators as foo
+
+    spec = f"cifar10_resnet20:{resnet20_path}"
+    dataset = cifar_dataset(dataset_name, cifar_dir, per_class=1)
+    box = fo.Detections(detections=[fo.Detection(label="object", bounding_box=[0.25, 0.25, 0.5, 0.5])])
+    dataset.set_values("objects", [box.copy() for _ in range(len(dataset))])
+    cam_plugin.compute_cams(dataset, spec, label_field="ground_truth", **SLOW)
+
+    summary = cam_plugin.compute_attention(
+        dataset, "cam", "objects", region_classes="all", delegate=True, num_shards=3
+    )
+    assert len(summary.queued) == 3
+    ops = _repo().list_operations(dataset_name=dataset.name)
+    assert sorted(op.context.request_params["params"]["shard"] for op in ops) == [0, 1, 2]
+    for op in ops:
+        params = dict(op.context.request_params["params"], delegate=False)
+        result = foo.execute_operator(op.operator, ctx=dict(view=dataset.view(), params=params))
+        assert result.error is None, result.error
+    dataset.reload()
+    assert dataset.count("cam_object_energy") == dataset.count("cam_gt_object_energy") == len(dataset)
+    run = cam_plugin.get_run(dataset, "cam_attention")
+    assert run["status"] == "completed" and run["region_classes"] == "all"
+    assert run["counts"]["processed"] == len(dataset)

@@ -505,10 +505,10 @@ def iter_execute(run, *, shard=None, num_shards=1, overwrite=False, retry_failed
             if ids:
                 record.update(status="running")
             yield from _run_shard(run, record, s, token, ids, files, summary, errors, progress, flush_seconds)
-        summary.errors = dict(errors)
         run.finish(dataset)
     finally:
         run.close()
+        summary.errors = dict(errors)
         summary.seconds = time.time() - started
         if record.exists():
             summary.status = _record_status(run, record, samples)
@@ -547,7 +547,7 @@ def _run_shard(run, record, shard, token, ids, files, summary, errors, progress,
         with PngWriter(num_threads=max(1, min(8, (os.cpu_count() or 2) // 2))) as png:
             writer = SampleWriter(
                 run.samples._root_dataset,
-                list(run.fields()),
+                run.fields(),
                 png,
                 flush_seconds=flush_seconds,
                 before_write=check_held,

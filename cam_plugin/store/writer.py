@@ -46,8 +46,8 @@ class SampleWriter:
 
     Args:
         dataset: the root ``fo.Dataset`` whose samples are updated
-        fields: the names of the fields the run owns (declared on the
-            dataset before the first flush)
+        fields: the fields the run owns: name -> ``(ftype,
+            embedded_doc_type)``
         png_writer: a :class:`cam_plugin.heatmaps.PngWriter` for the files
         flush_seconds (2.0): flush when this long has passed since the last
         max_pending (512): flush when this many samples wait
@@ -66,7 +66,7 @@ class SampleWriter:
         before_write=None,
     ):
         self.dataset = dataset
-        self.fields = list(fields)
+        self.fields = dict(fields)
         self.png_writer = png_writer
         self.flush_seconds = flush_seconds
         self.max_pending = max_pending
@@ -136,13 +136,13 @@ class SampleWriter:
                 self.errors[output.error.reason] += 1
 
     def _fields(self):
+        # field objects built from their types serialise values without the
+        # dataset's schema, which another process may be rewriting right now
         if self._field_objects is None:
-            self.dataset.reload()
-            schema = self.dataset.get_field_schema()
-            missing = [f for f in self.fields if f not in schema]
-            if missing:
-                raise RuntimeError(f"fields {missing} are not declared on the dataset")
-            self._field_objects = {f: schema[f] for f in self.fields}
+            self._field_objects = {
+                name: ftype(doc_type) if doc_type is not None else ftype()
+                for name, (ftype, doc_type) in self.fields.items()
+            }
         return self._field_objects
 
 
