@@ -241,3 +241,29 @@ def test_class_names_from_the_form_name_the_predictions(labelled, resnet20_path)
     _execute("compute_cams", labelled, model=f"cifar10_resnet20:{resnet20_path}", batch_size=8, device="cpu")
     plain = labelled.values("cam_prediction.label")
     assert [names.index(n) for n in labels] == [cam_plugin.models.CIFAR10_CLASSES.index(p) for p in plain]
+
+
+def test_the_operator_queues_one_delegated_operation_per_shard(labelled, resnet20_path):
+    """With Shards > 1 the operator runs at once and queues the shards, each
+    a delegated operation of its own; its output lists them."""
+    from fiftyone.factory.repo_factory import RepositoryFactory
+
+    dataset = labelled
+    result = _execute(
+        "compute_cams",
+        dataset,
+        model=f"cifar10_resnet20:{resnet20_path}",
+        targets="both",
+        label_field="ground_truth",
+        device="cpu",
+        num_shards=3,
+    )
+    assert not result.delegated
+    queued = result.result["queued"] if isinstance(result.result, dict) else None
+    ops = RepositoryFactory.delegated_operation_repo().list_operations(dataset_name=dataset.name)
+    assert len(ops) == 3
+    assert sorted(op.context.request_params["params"]["shard"] for op in ops) == [0, 1, 2]
+    assert queued is None or sorted(queued) == sorted(str(op.id) for op in ops)
+    run = cam_plugin.get_run(dataset, "cam")
+    assert run["num_shards"] == 3 and run["status"] == "running"
+    assert run["counts"]["todo"] == len(dataset)

@@ -93,17 +93,33 @@ def queue(run_cls, operator, samples, model_or_args, params, options):
         busy_shards=sorted(int(k) for k in live),
     )
     for shard in pending:
-        result = foo.execute_operator(
-            f"{PLUGIN}/{operator}",
-            ctx=dict(view=samples.view()),
-            params=dict(op_params, shard=shard),
-            request_delegation=True,
-        )
-        if result.error:
+        try:
+            op_id = _queue_operation(f"{PLUGIN}/{operator}", samples, dict(op_params, shard=shard))
+        except Exception as e:
             if not resumed and not summary.queued:
                 # nothing was queued: the run registered for it goes again
                 records.delete_run(samples, run_type.key)
-            raise RunError(f"Queueing shard {shard} failed: {result.error_message or result.error}")
-        summary.queued.append(str(result.result["id"]))
+            raise RunError(f"Queueing shard {shard} of run '{run_type.key}' failed: {e}") from e
+        summary.queued.append(op_id)
         summary.shards.append(shard)
     return summary
+
+
+def _queue_operation(uri, samples, params):
+    """Queues one delegated operation; returns its id.
+
+    Called from an operator (the App's "Shards" choice), this runs inside
+    FiftyOne's event loop, where ``execute_operator`` only schedules a task;
+    a thread of its own, without a loop, gets the result."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def queue():
+        result = foo.execute_operator(
+            uri, ctx=dict(view=samples.view()), params=params, request_delegation=True
+        )
+        if result.error:
+            raise RuntimeError(result.error_message or result.error)
+        return str(result.result["id"])
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(queue).result()
