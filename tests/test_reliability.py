@@ -340,3 +340,29 @@ def test_two_runs_at_once_do_not_interfere(dataset_name, cifar_dir, resnet20, tm
     # each sample's two maps are distinct files of their own run
     for a, b in zip(dataset.values("cam_a.map_path"), dataset.values("cam_b.map_path")):
         assert a != b and os.path.isfile(a) and os.path.isfile(b)
+
+
+class _FailsOnRealImages(torch.nn.Module):
+    """A model that works on the layer probe's random input and raises on
+    every real image (all in [0, 1], unnormalised): a configuration problem,
+    not a data problem."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3)
+        self.head = torch.nn.Linear(8, 10)
+
+    def forward(self, x):
+        if x.min() >= 0:
+            raise RuntimeError("this model cannot take real images")
+        return self.head(self.conv(x).mean((2, 3)))
+
+
+def test_a_model_that_fails_on_every_image_stops_the_run(dataset_name, cifar_dir):
+    dataset = cifar_dataset(dataset_name, cifar_dir, per_class=3)
+    transforms = T.Compose([T.Resize((32, 32)), T.ToTensor()])
+    with pytest.raises(cam_plugin.CamError, match=r"first 16 samples all failed.*cannot take real images"):
+        cam_plugin.compute_cams(dataset, _FailsOnRealImages(), transforms=transforms, batch_size=4)
+    # what was tried is recorded, and the run can be continued once fixed
+    run = cam_plugin.get_run(dataset, "cam")
+    assert run["status"] == "running" and run["counts"]["failed"] >= 16

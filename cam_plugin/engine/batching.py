@@ -55,7 +55,8 @@ class BatchRunner:
                     outcomes += self._run(chunk.split(i, i + 1))
                 return outcomes
             item = chunk.items[0]
-            return [(item, SampleError(item.index, ErrorKind.COMPUTE, f"{type(e).__name__}: {e}"))]
+            error = SampleError(item.index, ErrorKind.COMPUTE, f"{type(e).__name__}: {e}", type(e).__name__)
+            return [(item, error)]
         return list(zip(chunk.items, results))
 
 

@@ -24,11 +24,13 @@ class SampleError:
         index: the sample's position in the run's input lists
         kind: an :class:`ErrorKind`
         detail: what exactly failed (names the file where there is one)
+        cause: for computation failures, the exception's type name
     """
 
     index: int
     kind: ErrorKind
     detail: str
+    cause: str = None  # the exception type of a computation failure
 
     @property
     def reason(self):

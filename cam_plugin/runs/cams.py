@@ -13,7 +13,7 @@ import fiftyone as fo
 from .. import appearance
 from ..batches import compute_batch
 from ..cams import CamError, CamExtractor
-from ..engine import BatchRunner, SampleError, image_loader, run_loader
+from ..engine import BatchRunner, ErrorKind, SampleError, image_loader, run_loader
 from ..heatmaps import HEATMAP_RANGE
 from ..models import input_shape_of, load_classifier
 from ..store.files import safe_name
@@ -284,21 +284,21 @@ class CamRunType(RunType):
             )
 
         runner = BatchRunner(compute, self.batch_size)
-        attempted = succeeded = 0
-        reasons = set()
+        failures = []
+        succeeded = 0
         for outcomes in run_loader(loader, runner):
             batch = []
             for index, result in outcomes:
                 sample_id = ids[index]
-                attempted += 1
                 if isinstance(result, SampleError):
-                    reasons.add(result.message if result.kind.name == "COMPUTE" else None)
+                    failures.append(result)
                     batch.append(self.failure(sample_id, result))
                     continue
                 succeeded += 1
                 batch.append(self._output(sample_id, result, names, files))
-            self._check_all_failing(attempted, succeeded, reasons, batch)
             yield batch
+            if not succeeded:
+                _check_all_failing(failures)
 
     def _output(self, sample_id, result, names, files):
         values = {
@@ -323,22 +323,25 @@ class CamRunType(RunType):
             )
         return SampleOutput(sample_id, values, out_files)
 
-    @staticmethod
-    def _check_all_failing(attempted, succeeded, reasons, batch):
-        # the same computation error on every sample points at the model or
-        # configuration, not the data: stop instead of failing them all
-        if succeeded == 0 and attempted >= 16 and len(reasons) == 1 and None not in reasons:
-            (reason,) = reasons
-            raise CamError(
-                f"The first {attempted} samples all failed with the same "
-                f"error, which points at the model or configuration: {reason}"
-            )
-
     def finish(self, dataset):
         appearance.apply(dataset, {t.name: t.field for t in self.targets})
 
     def close(self):
         self.classifier.module.to(self._restore_device)
+
+
+def _check_all_failing(failures):
+    # the same exception computing every one of the first samples points at
+    # the model or the configuration, not the data: stop, rather than fail
+    # a whole dataset sample by sample
+    causes = {(f.kind, f.cause) for f in failures}
+    if len(failures) >= 16 and len(causes) == 1:
+        ((kind, cause),) = causes
+        if kind is ErrorKind.COMPUTE:
+            raise CamError(
+                f"The first {len(failures)} samples all failed with the same "
+                f"error, which points at the model or configuration: {failures[0].detail}"
+            )
 
 
 def _module_device(module):
