@@ -126,8 +126,11 @@ def test_a_nonpositive_shard_count_is_refused(dataset_name, cifar_dir, resnet20,
     over range(num_shards) is empty (base.py iter_execute). It should be
     refused before anything is registered, like an out-of-range shard."""
     dataset = cifar_dataset(dataset_name, cifar_dir, per_class=1)
-    with pytest.raises((cam_plugin.RunError, ValueError)):
-        cam_plugin.compute_cams(dataset, resnet20, num_shards=num_shards, **FAST)
+    for delegate in (False, True):
+        with pytest.raises(cam_plugin.RunError, match="num_shards must be a positive"):
+            cam_plugin.compute_cams(
+                dataset, resnet20, num_shards=num_shards, delegate=delegate, **FAST
+            )
     assert cam_plugin.list_runs(dataset) == []
 
 

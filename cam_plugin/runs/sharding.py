@@ -36,7 +36,7 @@ def queue(run_cls, operator, samples, model_or_args, params, options):
     """
     from .base import RunSummary
 
-    num_shards = int(options.get("num_shards") or 1)
+    num_shards = options.get("num_shards", 1)  # checked when the run is opened
     if options.get("shard") is not None:
         raise RunError("Pass shard= or delegate=True, not both: delegation queues every shard")
     if params.get("transforms") is not None:
@@ -89,7 +89,7 @@ def queue(run_cls, operator, samples, model_or_args, params, options):
         fields=list(run_type.fields()),
         files_dir=config.get("files_dir") or "",
         resumed=resumed,
-        status=config.get("status", "running"),
+        status=records.get_run(samples, run_type.key)["status"],
         busy_shards=sorted(int(k) for k in live),
     )
     for shard in pending:
