@@ -372,3 +372,24 @@ def test_continuing_through_a_symlinked_output_dir_is_not_elsewhere(dataset_name
     dataset.add_samples([fo.Sample(filepath=dataset.first().filepath)])
     summary = cam_plugin.compute_cams(dataset, resnet20, output_dir=str(real), **FAST)
     assert summary.processed == 1
+
+
+def test_a_killed_worker_not_yet_reaped_counts_as_dead():
+    """kill -9 leaves a zombie until its parent waits for it; a shard whose
+    worker is a zombie is stale at once, not after the heartbeat timeout."""
+    import time
+    from datetime import datetime
+
+    from cam_plugin.runs import records
+
+    proc = subprocess.Popen(["sleep", "60"])
+    worker = {"host": os.uname().nodename, "pid": proc.pid, "started": records._start_time(proc.pid)}
+    shard = {"status": "running", "worker": worker, "heartbeat": datetime.utcnow()}
+    try:
+        assert records.shard_state(shard) == "running"
+        proc.send_signal(signal.SIGKILL)
+        time.sleep(0.5)
+        assert records.shard_state(shard) == "stale"
+    finally:
+        proc.kill()
+        proc.wait()

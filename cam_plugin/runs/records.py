@@ -224,10 +224,19 @@ def _start_time(pid):
 
 
 def _process_alive(pid, started):
+    import psutil
+
     if pid is None:
         return False
-    now_started = _start_time(pid)
-    return now_started is not None and (started is None or abs(now_started - started) < 1e-3)
+    try:
+        process = psutil.Process(pid)
+        # a killed process its parent has not reaped yet is a zombie: dead
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return False
+        now_started = process.create_time()
+    except (psutil.Error, TypeError):
+        return False
+    return started is None or abs(now_started - started) < 1e-3
 
 
 class RunRecord:
