@@ -30,13 +30,16 @@ setup: $(RUNTIME_STAMP)
 
 setup-test: $(TEST_STAMP)
 
-# The demo (examples/demo.py) keeps its database and files in .demo/, never
-# in ~/.fiftyone
+# The demo (examples/demo.py) keeps its database in .demo/db, served by a
+# mongod of its own (never the one of ~/.fiftyone, even while an App is open
+# on it); the App it opens finds this plugin through a plugins dir that links
+# to this checkout
 demo: setup
-	FIFTYONE_DATABASE_DIR=$(DEMO_DIR)/db $(PY) examples/demo.py --dir $(DEMO_DIR) $(ARGS)
+	$(PY) examples/demo.py --dir $(DEMO_DIR) --db $(DEMO_DIR)/db $(ARGS)
 
 app: setup
-	FIFTYONE_DATABASE_DIR=$(DEMO_DIR)/db $(PY) examples/demo.py --dir $(DEMO_DIR) --app $(ARGS)
+	mkdir -p $(DEMO_DIR)/plugins && ln -sfn $(CURDIR) $(DEMO_DIR)/plugins/cam_plugin
+	FIFTYONE_PLUGINS_DIR=$(DEMO_DIR)/plugins $(PY) examples/demo.py --dir $(DEMO_DIR) --db $(DEMO_DIR)/db --app $(ARGS)
 
 test: setup-test
 	$(PY) -m pytest tests $(ARGS)

@@ -17,8 +17,8 @@ Usage::
     python bench/throughput.py --memory 10000     # RSS over 10,000 samples
 
 Prints throughputs, the ratios a/b and a/c, and peak memory. Set-up (venv,
-database) is the same as for the tests; the database lives in a temporary
-directory.
+database) is the same as for the tests; each phase has a MongoDB server of
+its own on a temporary directory.
 """
 
 import argparse
@@ -36,11 +36,13 @@ SHARED = Path(os.environ.get("CAM_PLUGIN_SHARED_DATA", REPO.parent / "shared" / 
 
 
 def _isolate_fiftyone(workdir):
-    os.environ["FIFTYONE_DATABASE_DIR"] = str(Path(workdir) / "db")
+    # a mongod of the phase's own, started before FiftyOne is imported: a
+    # database dir alone would join any FiftyOne service already running
+    from cam_plugin import private_db
+
     os.environ["FIFTYONE_DEFAULT_DATASET_DIR"] = str(Path(workdir) / "files")
-    os.environ["FIFTYONE_DATABASE_VALIDATION"] = "false"
     os.environ["FIFTYONE_DO_NOT_TRACK"] = "true"
-    os.environ.pop("FIFTYONE_DATABASE_URI", None)
+    private_db.use(Path(workdir) / "db")
 
 
 def prepare_images(workdir, count):

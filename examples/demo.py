@@ -34,9 +34,10 @@ It is an example of using the library, not part of it: run it (with
 or ``make demo`` / ``make app``.
 
 Images, records and the trained weights are kept in ``DIR`` and reused by a
-later run with the same seed and configuration. Set
-``FIFTYONE_DATABASE_DIR`` (and ``FIFTYONE_DEFAULT_DATASET_DIR``) to keep the
-demo out of your own FiftyOne database.
+later run with the same seed and configuration. ``--db DBDIR`` keeps the
+demo's database in ``DBDIR``, served by a MongoDB server of the demo's own
+(``make demo`` does this with ``.demo/db``), so it never touches your own
+FiftyOne database, even while the App is open on it.
 """
 
 import argparse
@@ -855,7 +856,18 @@ def main(argv=None):
         "--name", default=DATASET_NAME, help=f"dataset name (default {DATASET_NAME})"
     )
     parser.add_argument("--app", action="store_true", help="open the FiftyOne App on the dataset")
+    parser.add_argument(
+        "--db",
+        help="keep the database in this directory, served by a MongoDB server of the "
+        "demo's own (default: FiftyOne's configured database)",
+    )
     args = parser.parse_args(argv)
+    if args.db:
+        # before FiftyOne is imported: it reads the database URI once
+        from cam_plugin import private_db
+
+        private_db.use(os.path.abspath(args.db))
+        os.environ.setdefault("FIFTYONE_DEFAULT_DATASET_DIR", os.path.join(os.path.abspath(args.dir), "files"))
 
     run_demo(args.dir, seed=args.seed, app=args.app, name=args.name)
 

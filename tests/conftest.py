@@ -2,7 +2,7 @@
 
 The environment is set before FiftyOne is imported anywhere, so every test
 (and every subprocess a test starts) talks to the session's own mongod, on
-its own port and temporary database dir (:mod:`private_mongod`), never the
+its own port and temporary database dir (:mod:`cam_plugin.private_db`), never the
 user's ``~/.fiftyone`` database or another session's server.
 """
 
@@ -23,10 +23,10 @@ _PLUGINS.mkdir()
 for var in ("FIFTYONE_DATABASE_URI", "FIFTYONE_DATABASE_NAME"):
     os.environ.pop(var, None)
 
-import private_mongod  # noqa: E402
+from cam_plugin import private_db  # noqa: E402  (imports no FiftyOne)
 
-_MONGOD, _DATABASE_URI = private_mongod.start(_TMP / "db")
-atexit.register(private_mongod.stop, _MONGOD)
+_MONGOD, _DATABASE_URI = private_db.start(_TMP / "db")
+atexit.register(private_db.stop, _MONGOD)
 
 os.environ.update(
     {
@@ -61,7 +61,7 @@ def pytest_sessionfinish(session, exitstatus):
         # FiftyOne's own exit hook would reconnect to a stopped server
         atexit.unregister(database._delete_non_persistent_datasets_if_allowed)
         database._disconnect()
-    private_mongod.stop(_MONGOD)
+    private_db.stop(_MONGOD)
     shutil.rmtree(_TMP, ignore_errors=True)
 
 
@@ -118,3 +118,64 @@ def dataset_name(request):
 
     if fo.dataset_exists(name):
         fo.delete_dataset(name)
+
+
+# A FiftyOne database of the user's own, running beside the whole session
+# the way an App open on ~/.fiftyone does (FiftyOne's own database service,
+# found by its directory); tests/test_zz_isolation.py checks at the end of
+# the session that nothing of the tests reached it.
+_USERS_SCRIPT = """
+import sys
+import fiftyone as fo
+
+dataset = fo.Dataset("users_own_dataset", persistent=True)
+dataset.add_samples([fo.Sample(filepath=f"/data/user/{i}.jpg", note=f"mine {i}") for i in range(3)])
+print("READY", flush=True)
+sys.stdin.readline()
+"""
+
+
+def _users_env():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FIFTYONE_")}
+    env.update(
+        FIFTYONE_DATABASE_DIR=str(_TMP / "users_database"),
+        FIFTYONE_DO_NOT_TRACK="true",
+        FIFTYONE_DATABASE_VALIDATION="false",
+    )
+    return env
+
+
+@pytest.fixture(scope="session", autouse=True)
+def users_database():
+    """The user's own FiftyOne database, served while the suite runs; yields
+    its environment, or an error message when it could not be started."""
+    import subprocess
+    import time
+
+    # output to a file, not a pipe: FiftyOne's database service, a process
+    # of its own, inherits the descriptors and would hold a pipe open
+    log_path = _TMP / "users_database.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _USERS_SCRIPT],
+            env=_users_env(),
+            stdin=subprocess.PIPE,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None and "READY" not in log_path.read_text():
+        time.sleep(0.2)
+    ready = "READY" in log_path.read_text()
+    state = {"env": _users_env()} if ready else {"error": log_path.read_text()[-2000:]}
+    try:
+        yield state
+    finally:
+        if proc.poll() is None:
+            try:
+                proc.stdin.write("quit\n")
+                proc.stdin.close()
+                proc.wait(timeout=60)
+            except (OSError, subprocess.TimeoutExpired):
+                proc.kill()

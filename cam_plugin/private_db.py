@@ -1,10 +1,13 @@
-"""A MongoDB server of the test session's own: FiftyOne's bundled mongod on a
-free port with a temporary database dir, reached through ``database_uri``.
+"""A MongoDB server of a process's own: FiftyOne's bundled mongod on a free
+port with a database dir of its own, reached through ``database_uri``, for
+the tests, the demo and the benchmarks.
 
 FiftyOne joins any database service already running for the user whatever
-``FIFTYONE_DATABASE_DIR`` says, so a dir alone isolates nothing: a second
-test session (or the App open on ``~/.fiftyone``) would share its server.
-A server started here, on its own port, is used by this session alone.
+``FIFTYONE_DATABASE_DIR`` says, so a dir alone isolates nothing: the demo or
+a test session would write into the database of an App open on
+``~/.fiftyone``, or of another test session. A server started here, on its
+own port, serves its caller alone. Start it before FiftyOne is imported
+(FiftyOne reads ``FIFTYONE_DATABASE_URI`` once, at import).
 """
 
 import importlib.util
@@ -48,6 +51,20 @@ def start(dbpath, timeout=60):
         proc.kill()
         proc.wait()
     raise RuntimeError(f"mongod did not start; see {dbpath}/mongod.log")
+
+
+def use(dbpath):
+    """Starts a server on ``dbpath``, points this process (and the processes
+    it starts) at it, and stops it when the process exits; returns its
+    URI."""
+    import atexit
+
+    proc, uri = start(dbpath)
+    atexit.register(stop, proc)
+    os.environ["FIFTYONE_DATABASE_URI"] = uri
+    # FiftyOne's check of the server's version would warn on every run
+    os.environ.setdefault("FIFTYONE_DATABASE_VALIDATION", "false")
+    return uri
 
 
 def stop(proc):
