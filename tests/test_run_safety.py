@@ -465,6 +465,9 @@ def test_grouped_datasets_process_the_current_slice_and_say_so(dataset_name, cif
     assert right.count("cam") == 0 and dataset.select_group_slices("left").count("cam") == 3
 
     dataset.group_slice = "right"
+    # the record counts the slice the run processed, whichever is active
+    counts = cam_plugin.get_run(dataset, "cam")["counts"]
+    assert (counts["samples"], counts["processed"]) == (3, 3)
     with pytest.raises(cam_plugin.RunError, match="group_slice"):
         cam_plugin.compute_cams(dataset, resnet20)
     cam_plugin.compute_cams(dataset, resnet20, heatmap_field="cam_right", pred_field="pred_right")

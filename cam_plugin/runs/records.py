@@ -118,6 +118,9 @@ def get_run(samples, key, derive=True):
         shard["state"] = shard_state(shard, now)
     if derive and config.get("done_fields"):
         view = run_view(dataset, doc)
+        if view is not None and view.media_type == "group" and config.get("group_slice"):
+            # the slice the run processed, whichever slice is active here
+            view = view.select_group_slices(config["group_slice"])
         if view is not None:
             counts = data_counts(
                 view, config["done_fields"], config.get("error_field"), config.get("candidate_field")
