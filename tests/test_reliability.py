@@ -264,7 +264,10 @@ def test_kill_and_resume(dataset_name, cifar_dir, resnet20, tmp_path):
     dataset = cifar_dataset(dataset_name, cifar_dir, per_class=30)
     script = tmp_path / "run.py"
     script.write_text(_KILL_SCRIPT)
-    proc = subprocess.Popen([sys.executable, str(script), dataset_name, resnet20])
+    # results land batch by batch (not every 2 s), so that the kill finds the
+    # run half-stored even on a fast, quiet machine
+    env = dict(os.environ, CAM_PLUGIN_FLUSH_SECONDS="0")
+    proc = subprocess.Popen([sys.executable, str(script), dataset_name, resnet20], env=env)
     try:
         deadline = time.time() + 120
         while time.time() < deadline and proc.poll() is None:
