@@ -107,6 +107,13 @@ class RunType:
     """
 
     method = None
+
+    def __init_subclass__(cls, **kwargs):
+        # a new kind of run is listed, resumed and deleted like the others
+        super().__init_subclass__(**kwargs)
+        if cls.method:
+            records.register_method(cls.method)
+
     #: a sample is done when one of these fields is set
     done_fields = ()
     #: the field holding why a sample failed, or None
