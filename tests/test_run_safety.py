@@ -3,9 +3,7 @@ folders, odd names and paths, retries, deletion mid-run. Each test is one
 defect that the old run loop had (issue 11), on a real database, real
 images and the real CIFAR-10 ResNet-20."""
 
-import json
 import os
-import resource
 import signal
 import subprocess
 import sys
@@ -14,13 +12,10 @@ import time
 from pathlib import Path
 
 import fiftyone as fo
-import numpy as np
 import pytest
-import torchvision.transforms as T
 from PIL import Image
 
 import cam_plugin
-from cam_plugin.cifar_resnet import IMAGENET_MEAN, IMAGENET_STD
 from builders import cifar_dataset
 
 
@@ -435,7 +430,6 @@ def test_deleting_a_run_while_it_runs(dataset_name, cifar_dir, resnet20, tmp_pat
         with pytest.raises(cam_plugin.RunError, match="cannot be deleted while workers run it"):
             cam_plugin.delete_run(dataset, "cam")
 
-        files_dir = cam_plugin.get_run(dataset, "cam")["files_dir"]
         dataset.delete_run("cam")  # FiftyOne's own, which the plugin cannot refuse
         out, err = proc.communicate(timeout=200)
     finally:
