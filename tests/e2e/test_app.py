@@ -3,104 +3,16 @@ Chromium: the grid renders the heatmaps over the images, and the plugin's
 operators are in the operator browser, where the per-class summary runs; the
 per-class panel draws its bars and opens a class's samples on a click.
 
-Needs Debian's ``chromium`` (``.ci/run`` installs it). Screenshots go to
-``$CAM_PLUGIN_SCREENSHOTS`` (default: the test's temporary directory);
-``make screenshots`` writes them to ``docs/`` for the README.
+Fixtures (the demo dataset, the App in Chromium, screenshots) are in
+conftest.py.
 """
 
-import os
-import shutil
-import socket
 import time
-from pathlib import Path
 
 import numpy as np
-import pytest
-from PIL import Image
 
-import fiftyone as fo
-
-import demo  # examples/demo.py, put on the path by conftest.py
-
-CHROMIUM_FLAGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-
-
-def _chromium():
-    path = os.environ.get("CAM_PLUGIN_CHROMIUM") or shutil.which("chromium")
-    if not path:
-        pytest.skip(
-            "the browser test needs Chromium: apt-get install chromium "
-            "(or set CAM_PLUGIN_CHROMIUM to its path)"
-        )
-    return path
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def shots(tmp_path_factory):
-    out = os.environ.get("CAM_PLUGIN_SCREENSHOTS")
-    path = Path(out) if out else tmp_path_factory.mktemp("screenshots")
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-@pytest.fixture(scope="module")
-def demo_dataset(tmp_path_factory):
-    """The demo's dataset (a smaller one), processed by the plugin: CAMs,
-    attention metrics and views."""
-    config = demo.DemoConfig(n_train=400, n_test=48)
-    root = tmp_path_factory.mktemp("demo")
-    dataset, info = demo.run_demo(root, seed=0, config=config, name="e2e-cam-demo", progress=False, log=lambda *a: None)
-    assert info["cam_summary"].processed == config.n_test
-    yield dataset
-    fo.delete_dataset(dataset.name)
-
-
-@pytest.fixture(scope="module")
-def app(demo_dataset):
-    from playwright.sync_api import sync_playwright
-
-    chromium = _chromium()
-    port = _free_port()
-    view = demo_dataset.match_tags("test")
-    session = fo.launch_app(view, port=port, address="127.0.0.1", remote=True, auto=False)
-    try:
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_FLAGS)
-            page = browser.new_page(viewport={"width": 1400, "height": 900})
-            page.goto(f"http://127.0.0.1:{port}/datasets/{demo_dataset.name}", wait_until="domcontentloaded")
-            page.wait_for_selector('[data-cy="looker"]', timeout=90_000)
-            _dismiss_popups(page)
-            yield session, page
-            browser.close()
-    finally:
-        session.close()
-
-
-def _dismiss_popups(page):
-    try:
-        page.get_by_text("Dismiss", exact=True).click(timeout=3000)
-    except Exception:
-        pass  # no promotional popup this time
-
-
-def _grid(page, path):
-    """A screenshot of the samples grid, after the overlays have settled."""
-    time.sleep(4)
-    page.locator('[data-cy="fo-grid"]').screenshot(path=str(path))
-    return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
+import browser
+import demo  # examples/demo.py, put on the path by tests/conftest.py
 
 
 def _vivid(pixels):
@@ -115,11 +27,11 @@ def test_grid_renders_heatmaps_over_the_images(app, shots):
     checkbox = page.locator('[data-cy="checkbox-cam"] input')
     # the predicted-class heatmap is shown by default (the plugin's choice)
     assert checkbox.is_checked()
-    with_maps = _grid(page, shots / "app-grid.png")
+    with_maps = browser.grid(page, shots / "app-grid.png")
 
     page.locator('[data-cy="checkbox-cam"]').click()
     assert not checkbox.is_checked()
-    without = _grid(page, shots / "app-grid-no-heatmaps.png")
+    without = browser.grid(page, shots / "app-grid-no-heatmaps.png")
     page.locator('[data-cy="checkbox-cam"]').click()
 
     changed = float((np.abs(with_maps - without).max(axis=2) > 40).mean())
@@ -160,7 +72,7 @@ def test_attention_views_are_saved_views_in_the_app(app, demo_dataset, shots):
     view = demo_dataset.load_saved_view("cam_misclassified_background")
     session.view = view
     page.get_by_text(f"{len(view)} samples").wait_for(timeout=30_000)
-    _grid(page, shots / "app-misclassified-background.png")
+    browser.grid(page, shots / "app-misclassified-background.png")
     session.view = demo_dataset.match_tags("test")
 
 
