@@ -32,6 +32,61 @@ def _queues_shards(ctx):
     return int(ctx.params.get("num_shards") or 1) > 1 and ctx.params.get("shard") is None
 
 
+class _Failed(Exception):
+    """A run the library refused, with the one sentence that says why."""
+
+
+def _attempt(ctx, call, *args, **kwargs):
+    """Calls the library; its refusals (bad input, a conflicting run, a
+    missing field) become :class:`_Failed` with their message, which the
+    operator shows as one sentence instead of a traceback. A delegated
+    operation lets them through, so the operation is marked failed with
+    the message."""
+    try:
+        return call(*args, **kwargs)
+    except (ValueError, OSError) as e:
+        if ctx.delegated:
+            raise
+        raise _Failed(str(e)) from e
+
+
+def _error_output(ctx, message):
+    ctx.ops.notify(message, variant="error")
+    return {"error": message}
+
+
+def _error_property(outputs):
+    # the sentence alone: what was refused and what to do
+    outputs.str("error", label="Not done", view=types.MarkdownView())
+
+
+def _add_run_outputs(outputs, summary):
+    """The output fields of a run summary: counts always, failure reasons
+    and queued shards only when there are some."""
+    outputs.str("ran_on", label="Ran on")
+    outputs.str("run_key", label="Run key")
+    outputs.str("status", label="Run status")
+    outputs.int("processed", label="Samples processed")
+    outputs.int("failed", label="Samples failed")
+    outputs.int("skipped", label="Samples already done")
+    if summary and summary.get("errors"):
+        table = types.TableView()
+        table.add_column("reason", label="Reason")
+        table.add_column("samples", label="Samples")
+        outputs.list("failure_reasons", types.Object(), label="Failure reasons", view=table)
+    if summary and summary.get("queued"):
+        outputs.list("queued", types.String(), label="Queued delegated operations (one per shard)")
+
+
+def _run_output(summary, label):
+    outputs = types.Object()
+    if summary and summary.get("error"):
+        _error_property(outputs)
+    else:
+        _add_run_outputs(outputs, summary)
+    return types.Property(outputs, view=types.View(label=label))
+
+
 class ComputeCams(foo.Operator):
     @property
     def config(self):
@@ -73,23 +128,17 @@ class ComputeCams(foo.Operator):
 
     def execute(self, ctx):
         kwargs = forms.compute_cams_kwargs(ctx.params)
-        steps = cam_plugin.iter_compute_cams(ctx.target_view(), delegate=_queues_shards(ctx), **kwargs)
+        samples = ctx.target_view()
+        steps = cam_plugin.iter_compute_cams(samples, delegate=_queues_shards(ctx), **kwargs)
+        ran_on = forms.target_text(ctx, samples)
         if ctx.delegated:
-            return _run_reporting(ctx, steps)
+            return _run_reporting(ctx, steps, ran_on)
 
         # immediate execution streams progress to the App as a generator
-        return _stream_to_app(ctx, steps, self.resolve_output(ctx))
+        return _stream_to_app(ctx, steps, ran_on, "Class activation maps computed")
 
     def resolve_output(self, ctx):
-        outputs = types.Object()
-        outputs.str("run_key", label="Run key")
-        outputs.int("processed", label="Samples processed")
-        outputs.int("failed", label="Samples failed")
-        outputs.int("skipped", label="Samples already done")
-        outputs.str("status", label="Run status")
-        outputs.obj("errors", label="Failure reasons", view=types.JSONView())
-        outputs.list("queued", types.String(), label="Queued delegated operations (one per shard)")
-        return types.Property(outputs, view=types.View(label="Class activation maps computed"))
+        return _run_output(ctx.results, "Class activation maps computed")
 
 
 class ComputeAttention(foo.Operator):
@@ -121,12 +170,18 @@ class ComputeAttention(foo.Operator):
 
     def execute(self, ctx):
         kwargs = forms.compute_attention_kwargs(ctx.params)
-        steps = cam_plugin.iter_compute_attention(
-            ctx.target_view(), delegate=_queues_shards(ctx), **kwargs
-        )
-        summary = _run_reporting(ctx, steps) if ctx.delegated else _drain(steps)
+        samples = ctx.target_view()
+        steps = cam_plugin.iter_compute_attention(samples, delegate=_queues_shards(ctx), **kwargs)
+        ran_on = forms.target_text(ctx, samples)
+        try:
+            summary = _run_reporting(ctx, steps, ran_on)
+        except _Failed as e:
+            return _error_output(ctx, str(e))
         ctx.ops.reload_dataset()
         return summary
+
+    def resolve_output(self, ctx):
+        return _run_output(ctx.results, "Attention metrics computed")
 
 
 class AttentionViews(foo.Operator):
@@ -150,23 +205,39 @@ class AttentionViews(foo.Operator):
 
     def resolve_input(self, ctx):
         inputs = types.Object()
-        if forms.heatmap_field_input(ctx, inputs, ctx.dataset, with_metrics=True):
+        inputs.view_target(ctx, action_description="Find these samples in")
+        if forms.heatmap_field_input(ctx, inputs, ctx.target_view(), with_metrics=True):
             forms.threshold_inputs(inputs)
         return types.Property(inputs, view=types.View(label="Attention views"))
 
     def execute(self, ctx):
         heatmap_field = ctx.params.get("heatmap_field", "cam")
-        views = cam_plugin.attention_views(
-            ctx.dataset, heatmap_field, **forms.thresholds_from(ctx.params)
-        )
+        samples = ctx.target_view()
+        try:
+            views = _attempt(
+                ctx, cam_plugin.attention_views, samples, heatmap_field, **forms.thresholds_from(ctx.params)
+            )
+        except _Failed as e:
+            return _error_output(ctx, str(e))
         opened = ctx.params.get("open_view", "misclassified_background")
         ctx.ops.set_view(name=cam_plugin.saved_view_name(heatmap_field, opened))
-        return {"counts": {name: view.count() for name, view in views.items()}, "opened": opened}
+        counts = [
+            {"view": cam_plugin.saved_view_name(heatmap_field, name), "samples": view.count()}
+            for name, view in views.items()
+        ]
+        return {"ran_on": forms.target_text(ctx, samples), "counts": counts, "opened": opened}
 
     def resolve_output(self, ctx):
         outputs = types.Object()
-        outputs.str("opened", label="Opened view")
-        outputs.obj("counts", label="Samples per view", view=types.JSONView())
+        if (ctx.results or {}).get("error"):
+            _error_property(outputs)
+        else:
+            outputs.str("ran_on", label="Ran on")
+            outputs.str("opened", label="Opened view")
+            table = types.TableView()
+            table.add_column("view", label="Saved view")
+            table.add_column("samples", label="Samples")
+            outputs.list("counts", types.Object(), label="Samples per view", view=table)
         return types.Property(outputs, view=types.View(label="Attention views saved"))
 
 
@@ -188,23 +259,36 @@ class ClassSummary(foo.Operator):
 
     def resolve_input(self, ctx):
         inputs = types.Object()
-        if forms.heatmap_field_input(ctx, inputs, ctx.view, with_metrics=True):
+        inputs.view_target(ctx, action_description="Summarise")
+        if forms.heatmap_field_input(ctx, inputs, ctx.target_view(), with_metrics=True):
             forms.threshold_inputs(inputs, with_views=False)
         return types.Property(inputs, view=types.View(label="Per-class attention summary"))
 
     def execute(self, ctx):
-        rows = cam_plugin.class_summary(
-            ctx.view,
-            ctx.params.get("heatmap_field", "cam"),
-            **forms.summary_thresholds_from(ctx.params),
-        )
+        heatmap_field = ctx.params.get("heatmap_field", "cam")
+        samples = ctx.target_view()
+        try:
+            rows = _attempt(
+                ctx, cam_plugin.class_summary, samples, heatmap_field,
+                **forms.summary_thresholds_from(ctx.params),
+            )
+        except _Failed as e:
+            return _error_output(ctx, str(e))
+        ran_on = forms.target_text(ctx, samples)
         return {
+            "ran_on": ran_on,
+            "note": forms.summary_note(rows, heatmap_field, ran_on),
             "rows": forms.summary_rows_for_display(rows),
             "plot": forms.summary_traces(rows),
         }
 
     def resolve_output(self, ctx):
         outputs = types.Object()
+        if (ctx.results or {}).get("error"):
+            _error_property(outputs)
+            return types.Property(outputs, view=types.View(label="Per-class attention summary"))
+        outputs.str("ran_on", label="Ran on")
+        outputs.str("note", view=types.MarkdownView())
         outputs.plot(
             "plot",
             label="Share of samples looking off the object",
@@ -239,36 +323,73 @@ class AttentionByClassPanel(foo.Panel):
     def on_change_dataset(self, ctx):
         self._refresh(ctx)
 
+    def on_change_view(self, ctx):
+        if ctx.panel.state.target == "view":
+            self._refresh(ctx)
+
+    def _samples(self, ctx):
+        # the current view only when the user chose it and there is one
+        if ctx.panel.state.target == "view" and ctx.has_custom_view:
+            return ctx.view, "the current view"
+        return ctx.dataset, "the whole dataset"
+
     def _refresh(self, ctx, field=None):
-        fields = forms.attention_fields(ctx.dataset)
+        samples, target = self._samples(ctx)
+        fields, problems = forms.usable_attention_fields(samples)
         field = field or ctx.panel.state.heatmap_field
         if field not in fields:
             field = fields[0] if fields else None
         ctx.panel.state.heatmap_field = field
         ctx.panel.state.fields = fields
-        rows = cam_plugin.class_summary(ctx.dataset, field) if field else []
+        ctx.panel.state.problems = problems
+        rows = cam_plugin.class_summary(samples, field) if field else []
+        n = samples.count()
+        ran_on = f"{target} ({n} sample{'s' if n != 1 else ''})"
+        ctx.panel.state.note = forms.summary_note(rows, field, ran_on) if field else None
         ctx.panel.data.summary = forms.summary_traces(rows)
 
     def on_field_change(self, ctx):
         self._refresh(ctx, ctx.params.get("value"))
 
+    def on_target_change(self, ctx):
+        ctx.panel.state.target = ctx.params.get("value") or "dataset"
+        self._refresh(ctx)
+
     def on_click(self, ctx):
         field = ctx.panel.state.heatmap_field
         class_name = ctx.params.get("x") or ctx.params.get("id")
         if field and class_name:
-            view = cam_plugin.class_view(ctx.dataset, class_name, field)
+            samples, _ = self._samples(ctx)
+            view = cam_plugin.class_view(samples, class_name, field)
             ctx.ops.set_view(view=view)
 
     def render(self, ctx):
         panel = types.Object()
+        if ctx.has_custom_view or ctx.panel.state.target == "view":
+            targets = types.RadioGroup(orientation="horizontal")
+            targets.add_choice("dataset", label="Whole dataset")
+            targets.add_choice("view", label="Current view")
+            panel.enum(
+                "target",
+                targets.values(),
+                default=ctx.panel.state.target or "dataset",
+                label="Samples",
+                view=targets,
+                on_change=self.on_target_change,
+            )
+
         fields = ctx.panel.state.fields or []
         if not fields:
-            panel.md(
-                "No heatmap field has attention metrics yet. Run **Compute class "
+            problems = ctx.panel.state.problems or []
+            text = (
+                "No heatmap field can be summarised yet:\n\n"
+                + "\n".join(f"- {p}" for p in problems)
+                if problems
+                else "No heatmap field has attention metrics yet. Run **Compute class "
                 "activation maps** with a ground-truth field, then **Compute "
-                "attention metrics** with the objects' boxes, polygons or masks.",
-                name="empty",
+                "attention metrics** with the objects' boxes, polygons or masks."
             )
+            panel.md(text, name="empty")
             return types.Property(panel)
 
         choices = types.DropdownView()
@@ -288,6 +409,12 @@ class AttentionByClassPanel(foo.Panel):
             on_click=self.on_click,
             config={"displayModeBar": False, "responsive": True},
         )
+        if ctx.panel.state.note:
+            panel.md(ctx.panel.state.note, name="note")
+        if ctx.panel.state.problems:
+            panel.md(
+                "Not offered: " + "; ".join(ctx.panel.state.problems), name="not_offered"
+            )
         # the App lays a vertical GridView out as a CSS grid whose column is
         # as wide as its content unless stretched; a plot has no content
         # width of its own
@@ -308,14 +435,24 @@ class ListRuns(foo.Operator):
         )
 
     def execute(self, ctx):
-        return {"runs": forms.run_rows(ctx.dataset)}
+        rows = forms.run_rows(ctx.dataset)
+        return {
+            "ran_on": f"dataset '{ctx.dataset.name}' (runs belong to the dataset)",
+            "runs": rows,
+            "owned": rows,
+        }
 
     def resolve_output(self, ctx):
         outputs = types.Object()
+        outputs.str("ran_on", label="Runs of")
         table = types.TableView()
         for key, label in forms.RUN_COLUMNS:
             table.add_column(key, label=label)
         outputs.list("runs", types.Object(), label="Runs", view=table)
+        owned = types.TableView()
+        for key, label in forms.RUN_FIELD_COLUMNS:
+            owned.add_column(key, label=label)
+        outputs.list("owned", types.Object(), label="What each run owns", view=owned)
         return types.Property(outputs, view=types.View(label="CAM runs"))
 
 
@@ -342,42 +479,65 @@ class DeleteRun(foo.Operator):
 
     def execute(self, ctx):
         key = ctx.params["run_key"]
-        cam_plugin.delete_run(ctx.dataset, key)
+        try:
+            _attempt(ctx, cam_plugin.delete_run, ctx.dataset, key)
+        except _Failed as e:
+            return _error_output(ctx, str(e))
         ctx.ops.reload_dataset()
         return {"deleted": key}
 
+    def resolve_output(self, ctx):
+        outputs = types.Object()
+        if (ctx.results or {}).get("error"):
+            _error_property(outputs)
+        else:
+            outputs.str("deleted", label="Deleted run")
+        return types.Property(outputs, view=types.View(label="CAM run deleted"))
 
-def _run_reporting(ctx, steps):
+
+def _run_reporting(ctx, steps, ran_on):
+    """Drains a run's steps, reporting progress to a delegated operation or
+    an immediate one that is not a generator; returns its summary dict."""
     summary = None
-    for update in _progress_updates(steps):
+    for update in _progress_updates(_attempt_steps(ctx, steps), ran_on):
         if isinstance(update, dict):
             summary = update
-        else:
+        elif ctx.delegated:
             ctx.set_progress(progress=update[0], label=update[1])
     return summary
 
 
-def _stream_to_app(ctx, steps, outputs):
+def _stream_to_app(ctx, steps, ran_on, label):
     summary = None
-    for update in _progress_updates(steps):
-        if isinstance(update, dict):
-            summary = update
-        else:
-            yield ctx.ops.set_progress(progress=update[0], label=update[1])
-
-    yield ctx.ops.reload_dataset()
-    yield ctx.ops.show_output(outputs.to_json(), summary)
-
-
-def _drain(steps):
-    summary = None
-    for update in _progress_updates(steps):
-        if isinstance(update, dict):
-            summary = update
-    return summary
+    try:
+        for update in _progress_updates(_attempt_steps(ctx, steps), ran_on):
+            if isinstance(update, dict):
+                summary = update
+            else:
+                yield ctx.ops.set_progress(progress=update[0], label=update[1])
+    except _Failed as e:
+        summary = {"error": str(e)}
+        yield ctx.ops.notify(str(e), variant="error")
+    else:
+        yield ctx.ops.reload_dataset()
+    yield ctx.ops.show_output(_run_output(summary, label).to_json(), summary)
 
 
-def _progress_updates(steps):
+def _attempt_steps(ctx, steps):
+    """A run's steps, with the library's refusals as :class:`_Failed`."""
+    while True:
+        try:
+            step = next(steps)
+        except StopIteration as stop:
+            return stop.value
+        except (ValueError, OSError) as e:
+            if ctx.delegated:
+                raise
+            raise _Failed(str(e)) from e
+        yield step
+
+
+def _progress_updates(steps, ran_on):
     """Throttled ``(fraction, label)`` progress updates of a run's steps,
     then its summary as a dict."""
     last = 0.0
@@ -391,13 +551,16 @@ def _progress_updates(steps):
             last = time.monotonic()
             yield done / max(total, 1), f"{done} of {total} samples"
 
+    reasons = summary.errors or {}
     yield {
+        "ran_on": ran_on,
         "run_key": summary.key,
         "processed": summary.processed,
         "failed": summary.failed,
         "skipped": summary.skipped,
         "status": summary.status,
-        "errors": summary.errors,
+        "errors": reasons,
+        "failure_reasons": [{"reason": r, "samples": n} for r, n in reasons.items()],
         "queued": summary.queued,
     }
 

@@ -368,18 +368,30 @@ def _fields_of(samples, doc_types):
 
 
 def heatmap_field_input(ctx, inputs, samples, with_metrics=False):
-    """A dropdown of the dataset's heatmap fields (optionally only those with
-    attention metrics). Returns the chosen field or None."""
-    names = attention_fields(samples) if with_metrics else _fields_of(samples, fo.Heatmap)
+    """A dropdown of the heatmap fields. With ``with_metrics``, only those
+    the views and the per-class summary can use (attention metrics on
+    objects, ground truth and predictions known); the others are listed
+    with what they lack. Returns the chosen field, or None when there is
+    nothing valid to choose."""
+    if not with_metrics:
+        names = _fields_of(samples, fo.Heatmap)
+        problems = {}
+        no_choice = "This dataset has no heatmap field: run 'Compute class activation maps' first"
+    else:
+        described = cam_plugin.attention_fields(samples)
+        names = [f.heatmap_field for f in described if f.usable]
+        problems = {f.heatmap_field: f.problem for f in described if not f.usable}
+        no_choice = (
+            "No heatmap field can be used yet: "
+            + "; ".join(problems.values())
+            if problems
+            else "No heatmap field has attention metrics yet: run 'Compute class "
+            "activation maps' with a ground-truth field, then 'Compute attention "
+            "metrics' with the objects' boxes, polygons or masks"
+        )
 
     if not names:
-        message = (
-            "No heatmap field has attention metrics yet: run 'Compute attention "
-            "metrics' with a region field first"
-            if with_metrics
-            else "This dataset has no heatmap field: run 'Compute class activation maps' first"
-        )
-        prop = inputs.view("no_heatmaps", types.Warning(label=message))
+        prop = inputs.view("no_heatmaps", types.Warning(label="Nothing to run on", description=no_choice))
         prop.invalid = True
         return None
 
@@ -387,8 +399,24 @@ def heatmap_field_input(ctx, inputs, samples, with_metrics=False):
     for name in names:
         choices.add_choice(name, label=name)
     default = "cam" if "cam" in names else names[0]
-    inputs.enum("heatmap_field", choices.values(), default=default, label="Heatmap field", view=choices)
-    return ctx.params.get("heatmap_field") or default
+    prop = inputs.enum(
+        "heatmap_field", choices.values(), default=default, label="Heatmap field", view=choices
+    )
+    value = ctx.params.get("heatmap_field") or default
+    if value not in names:
+        prop.invalid = True
+        prop.error_message = problems.get(value) or f"'{value}' is not a heatmap field of these samples"
+        return None
+
+    if problems:
+        inputs.view(
+            "unusable",
+            types.Notice(
+                label="Not offered: " + ", ".join(problems),
+                description="; ".join(problems.values()),
+            ),
+        )
+    return value
 
 
 def compute_attention_inputs(ctx, inputs):
@@ -518,6 +546,8 @@ SUMMARY_COLUMNS = [
     ("samples", "Samples"),
     ("off_object", "Off the object"),
     ("off_object_share", "Share off"),
+    ("interval", "95% interval"),
+    ("support", "Support"),
     ("mean_focus", "Mean focus"),
     ("accuracy", "Accuracy"),
     ("misclassified_background", "Wrong, off the object"),
@@ -525,11 +555,15 @@ SUMMARY_COLUMNS = [
 
 
 def summary_rows_for_display(rows):
-    """The per-class summary rows with their fractions rounded for a table."""
-    return [
-        {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}
-        for row in rows
-    ]
+    """The per-class summary rows for a table: fractions rounded, the
+    interval as text, and classes with too few samples marked."""
+    display = []
+    for row in rows:
+        shown = {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}
+        shown["interval"] = f"{row['off_object_low']:.0%} to {row['off_object_high']:.0%}"
+        shown["support"] = "enough" if row["enough_samples"] else "few samples: ranked last"
+        display.append(shown)
+    return display
 
 
 #: the layout of the per-class summary's bar chart (operator output and panel)
@@ -537,41 +571,95 @@ SUMMARY_PLOT_LAYOUT = {
     "yaxis": {
         "title": {"text": "share looking off the object"},
         "tickformat": ".0%",
-        "range": [0, 1],
+        "range": [0, 1.12],
     },
     "xaxis": {"title": {"text": "ground-truth class"}, "type": "category"},
-    "height": 320,
+    "height": 340,
     "margin": {"t": 20, "l": 70, "b": 60, "r": 20},
+    "showlegend": False,
 }
+
+#: bars of classes with enough samples, and of those ranked last for having
+#: too few (Thresholds.min_samples)
+BAR_COLOR = "#ff6d04"
+FEW_SAMPLES_COLOR = "#b0b0b0"
 
 
 def summary_traces(rows):
-    """The Plotly traces (one bar per class) of the per-class summary: the
-    value the App's plot views read."""
+    """The Plotly traces of the per-class summary (the value the App's plot
+    views read): one bar per class with its count ("3/12") written on it,
+    so a class at 0% still shows, and its 95% interval as an error bar."""
     return [
         {
             "type": "bar",
             "x": [r["class"] for r in rows],
             "y": [r["off_object_share"] for r in rows],
             "ids": [r["class"] for r in rows],
-            "customdata": [r["samples"] for r in rows],
-            "hovertemplate": "%{x}: %{y:.0%} of %{customdata} samples off the object<extra></extra>",
+            "text": [f"{r['off_object']}/{r['samples']}" for r in rows],
+            "textposition": "outside",
+            "cliponaxis": False,
+            "marker": {
+                "color": [BAR_COLOR if r["enough_samples"] else FEW_SAMPLES_COLOR for r in rows],
+                # an outline keeps a 0% bar visible as a line on the axis
+                "line": {"color": "#c24f00", "width": 1},
+            },
+            "error_y": {
+                "type": "data",
+                "symmetric": False,
+                "array": [r["off_object_high"] - r["off_object_share"] for r in rows],
+                "arrayminus": [r["off_object_share"] - r["off_object_low"] for r in rows],
+                "color": "#666666",
+                "thickness": 1,
+                "width": 3,
+            },
+            "customdata": [
+                [r["samples"], r["off_object"], r["off_object_low"], r["off_object_high"]] for r in rows
+            ],
+            "hovertemplate": "%{x}: %{customdata[1]} of %{customdata[0]} samples off the object "
+            "(%{y:.0%}, 95% interval %{customdata[2]:.0%} to %{customdata[3]:.0%})<extra></extra>",
         }
     ]
 
 
+def summary_note(rows, heatmap_field, ran_on, min_samples=None):
+    """The sentence under the per-class chart: what it counts, on what, and
+    how to read the colours of the heatmaps it is about."""
+    min_samples = min_samples or cam_plugin.Thresholds().min_samples
+    measured = sum(r["samples"] for r in rows)
+    return (
+        f"**{heatmap_field}** on {ran_on}: {measured} samples measured in {len(rows)} classes. "
+        f"Each bar is the share of a class's samples whose attention is mostly off the "
+        f"labelled object (focus below the threshold), with its count and 95% interval; "
+        f"classes are ranked by the interval's lower end, and grey bars (fewer than "
+        f"{min_samples} samples) are ranked last. Click a bar to see those samples."
+    )
+
+
 RUN_COLUMNS = [
     ("key", "Run key"),
-    ("kind", "Kind"),
     ("status", "Status"),
-    ("what", "What"),
-    ("fields", "Fields"),
-    ("processed", "Processed"),
-    ("failed", "Failed"),
-    ("todo", "To do"),
+    ("samples", "Samples"),
     ("shards", "Shards"),
+    ("what", "What"),
     ("timestamp", "Started"),
 ]
+
+#: the second table of the run manager: what each run owns
+RUN_FIELD_COLUMNS = [
+    ("key", "Run key"),
+    ("fields", "Fields"),
+    ("files_dir", "Heatmap files"),
+]
+
+
+def counts_text(counts):
+    """A run's counts in words: ``"46 done, 2 failed, 0 to do"``."""
+    def n(name):
+        value = counts.get(name)
+        return "?" if value is None else value
+
+    return f"{n('processed')} done, {n('failed')} failed, {n('todo')} to do"
+
 
 # the order shard states are listed in; "waiting": no worker has taken the
 # shard yet (a queued delegated operation)
@@ -594,7 +682,9 @@ def shards_text(config):
 
 
 def run_rows(samples):
-    """One row per run of this plugin, for the App's run manager."""
+    """One row per run of this plugin, for the App's run manager: key,
+    kind, status, counts (as numbers and as ``samples`` text), shards, what
+    it computed, the fields and files it owns, and when it started."""
     cam_runs = set(cam_plugin.list_runs(samples, "cams"))
     rows = []
     for key in cam_plugin.list_runs(samples):
@@ -611,8 +701,10 @@ def run_rows(samples):
                 "key": key,
                 "kind": kind,
                 "status": config.get("status"),
-                "what": what,
+                "samples": counts_text(counts),
+                "what": f"{kind}: {what}",
                 "fields": ", ".join(config.get("fields") or []),
+                "files_dir": config.get("files_dir") or "-",
                 "processed": counts.get("processed"),
                 "failed": counts.get("failed"),
                 "todo": counts.get("todo"),
@@ -658,10 +750,36 @@ def delete_run_inputs(ctx, inputs):
     return True
 
 
-def attention_fields(samples):
-    """Heatmap fields with attention metrics: what the views, the summary
-    and its panel offer."""
-    schema = samples.get_field_schema()
-    return [
-        n for n in _fields_of(samples, fo.Heatmap) if cam_plugin.metric_field(n, "object_energy") in schema
-    ]
+def usable_attention_fields(samples):
+    """The heatmap fields the views, the summary and its panel can use, and
+    the sentences saying why the others cannot."""
+    described = cam_plugin.attention_fields(samples)
+    return (
+        [f.heatmap_field for f in described if f.usable],
+        [f.problem for f in described if not f.usable],
+    )
+
+
+TARGET_TEXTS = {
+    "DATASET": "the whole dataset",
+    "DATASET_VIEW": "the whole dataset",
+    "BASE_VIEW": "the base view",
+    "CURRENT_VIEW": "the current view",
+    "SELECTED_SAMPLES": "the selected samples",
+    "SELECTED_LABELS": "the samples of the selected labels",
+}
+
+
+def target_text(ctx, samples=None):
+    """What an operator ran on, in words with its size, e.g. ``"the
+    current view (48 samples)"``: the standard target choice (dataset,
+    current view, selected samples), or its default when the form did not
+    show it."""
+    target = ctx.params.get("view_target") or ctx.request_params.get("view_target")
+    if target in TARGET_TEXTS:
+        text = TARGET_TEXTS[target]
+    else:
+        text = "the current view" if ctx.has_custom_view else "the whole dataset"
+    samples = ctx.target_view() if samples is None else samples
+    n = samples.count()
+    return f"{text} ({n} sample{'s' if n != 1 else ''})"

@@ -40,12 +40,28 @@ class Thresholds:
             this are left out (no map can tell object from background)
         confidence: predictions at least this confident count as
             "confident" in the annotation-QA views
+        min_samples: the per-class summary ranks classes with fewer
+            measured samples last: one sample at 100% says little
     """
 
     background_focus: float = 0.15
     object_focus: float = 0.4
     max_object_area: float = 0.6
     confidence: float = 0.8
+    min_samples: int = 5
+
+
+def wilson_interval(k, n, z=1.96):
+    """The Wilson score interval (95% by default) of a share of ``k`` in
+    ``n``: honest for small ``n`` and for shares near 0 or 1, where the
+    normal approximation is not."""
+    if n == 0:
+        return 0.0, 1.0
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
 
 
 VIEW_DESCRIPTIONS = {
@@ -61,25 +77,100 @@ VIEW_DESCRIPTIONS = {
 }
 
 
-def _fields(samples, heatmap_field, label_field, pred_field):
-    owner = runs.field_owners(samples).get(heatmap_field)
-    config = runs.get_run(samples, owner) if owner else {}
-    label_field = label_field or config.get("label_field")
-    pred_field = pred_field or config.get("pred_field")
-    if label_field is None or pred_field is None:
-        raise ViewsError(
-            "The views need the ground-truth field (label_field) and the "
-            "predictions (pred_field); pass them, or compute the heatmaps "
-            "with compute_cams(label_field=...)"
-        )
+@dataclass(frozen=True)
+class AttentionField:
+    """A heatmap field with attention metrics, and whether the views and
+    the per-class summary can use it.
 
-    energy = metric_field(heatmap_field, "object_energy")
-    if energy not in samples.get_field_schema():
-        raise ViewsError(
-            f"'{energy}' does not exist: run compute_attention on "
-            f"'{heatmap_field}' with a region_field first"
+    Attributes:
+        heatmap_field: the ``fo.Heatmap`` field
+        label_field: the ground-truth ``fo.Classification`` field its run
+            used, or None
+        pred_field: the predictions field of its run, or None
+        problem: why the views cannot use it (one sentence saying what to
+            do), or None when they can
+    """
+
+    heatmap_field: str
+    label_field: str = None
+    pred_field: str = None
+    problem: str = None
+
+    @property
+    def usable(self):
+        return self.problem is None
+
+
+def _attention_config(samples, heatmap_field):
+    for key in runs.list_runs(samples, runs.ATTENTION_RUN):
+        config = runs.get_run(samples, key, derive=False)
+        if config.get("heatmap_field") == heatmap_field or config.get("gt_heatmap_field") == heatmap_field:
+            return config
+    return {}
+
+
+def describe_field(samples, heatmap_field, label_field=None, pred_field=None):
+    """The :class:`AttentionField` of one heatmap field: its ground truth
+    and predictions (given, or those of the runs that made and measured it)
+    and what, if anything, keeps the views from using it."""
+    schema = samples.get_field_schema()
+    owner = runs.field_owners(samples).get(heatmap_field)
+    config = runs.get_run(samples, owner, derive=False) if owner else {}
+    measured = _attention_config(samples, heatmap_field)
+    label_field = label_field or config.get("label_field") or measured.get("label_field")
+    pred_field = pred_field or config.get("pred_field")
+
+    def field(problem):
+        return AttentionField(heatmap_field, label_field, pred_field, problem)
+
+    if heatmap_field not in schema:
+        return field(f"'{heatmap_field}' is not a field of this dataset")
+    if metric_field(heatmap_field, "object_energy") not in schema:
+        return field(
+            f"'{heatmap_field}' has no attention metrics on objects yet: run "
+            f"'Compute attention metrics' (compute_attention) on it with a region field"
         )
-    return label_field, pred_field
+    if label_field is None:
+        return field(
+            f"'{heatmap_field}' was computed without ground truth, and the views compare "
+            "predictions with it: compute the maps again with a ground-truth field "
+            "(compute_cams(label_field=...)), or pass label_field"
+        )
+    if label_field not in schema:
+        return field(f"the ground-truth field '{label_field}' of '{heatmap_field}' no longer exists")
+    if pred_field is None:
+        return field(
+            f"'{heatmap_field}' was not made by compute_cams, so its predictions are "
+            "unknown: pass pred_field"
+        )
+    if pred_field not in schema:
+        return field(f"the predictions field '{pred_field}' of '{heatmap_field}' no longer exists")
+    return field(None)
+
+
+def attention_fields(samples):
+    """Every heatmap field of the collection with attention metrics, as
+    :class:`AttentionField` values (usable ones first, then by name)."""
+    schema = samples.get_field_schema()
+    names = sorted(
+        name
+        for name, f in schema.items()
+        if isinstance(f, fo.EmbeddedDocumentField)
+        and issubclass(f.document_type, fo.Heatmap)
+        and (
+            metric_field(name, "object_energy") in schema
+            or metric_field(name, "border_energy") in schema
+        )
+    )
+    described = [describe_field(samples, name) for name in names]
+    return sorted(described, key=lambda f: (not f.usable, f.heatmap_field))
+
+
+def _fields(samples, heatmap_field, label_field, pred_field):
+    field = describe_field(samples, heatmap_field, label_field, pred_field)
+    if field.problem:
+        raise ViewsError(field.problem[0].upper() + field.problem[1:])
+    return field.label_field, field.pred_field
 
 
 def _expressions(heatmap_field, label_field, pred_field, t):
@@ -150,10 +241,16 @@ def class_summary(samples, heatmap_field="cam", label_field=None, pred_field=Non
     """Per ground-truth class: how often and how strongly attention falls off
     the object, ranked with the most off-object class first.
 
+    Classes are ranked by the lower end of the 95% Wilson interval of their
+    off-object share, so a class needs both a high share and the samples to
+    back it; classes with fewer than ``thresholds.min_samples`` measured
+    samples come last whatever their share.
+
     Returns:
         a list of dicts with ``class``, ``samples`` (measured ones),
-        ``off_object`` (count), ``off_object_share``, ``mean_focus``,
-        ``mean_object_energy``, ``accuracy`` and
+        ``off_object`` (count), ``off_object_share``, ``off_object_low`` and
+        ``off_object_high`` (its 95% interval), ``enough_samples``,
+        ``mean_focus``, ``mean_object_energy``, ``accuracy`` and
         ``misclassified_background`` (count)
     """
     t = thresholds or Thresholds()
@@ -180,12 +277,16 @@ def class_summary(samples, heatmap_field="cam", label_field=None, pred_field=Non
         ar = np.array([x for _, _, x in items], dtype=np.float64)
         focus = (en - ar) / (1 - ar)
         off = focus < t.background_focus
+        low, high = wilson_interval(int(off.sum()), len(items))
         rows.append(
             {
                 "class": name,
                 "samples": len(items),
                 "off_object": int(off.sum()),
                 "off_object_share": float(off.mean()),
+                "off_object_low": low,
+                "off_object_high": high,
+                "enough_samples": len(items) >= t.min_samples,
                 "mean_focus": float(focus.mean()),
                 "mean_object_energy": float(en.mean()),
                 "accuracy": float(right.mean()),
@@ -193,7 +294,15 @@ def class_summary(samples, heatmap_field="cam", label_field=None, pred_field=Non
             }
         )
 
-    rows.sort(key=lambda r: (-r["off_object_share"], r["mean_focus"], r["class"]))
+    rows.sort(
+        key=lambda r: (
+            not r["enough_samples"],
+            -r["off_object_low"],
+            -r["off_object_share"],
+            r["mean_focus"],
+            r["class"],
+        )
+    )
     return rows
 
 

@@ -141,6 +141,10 @@ class DemoConfig:
         return _hash({"data": self.data_key(seed), **dataclasses.asdict(self)})
 
 
+#: a quicker demo (``--small``), the size the App tests use
+SMALL = DemoConfig(n_train=400, n_test=48)
+
+
 def _hash(obj):
     return hashlib.sha1(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -753,6 +757,7 @@ def run_demo(
     name=DATASET_NAME,
     progress=True,
     log=print,
+    port=None,
 ):
     """Runs the whole demo: images, model, dataset, CAMs, measurements.
 
@@ -765,6 +770,7 @@ def run_demo(
         name: the dataset's name (replaced if it exists)
         progress (True): show a progress bar while computing CAMs
         log (print): where messages go
+        port (None): the App's port (FiftyOne's default, 5151, if None)
 
     Returns:
         a tuple ``(dataset, info)``; ``info`` holds ``metrics`` (see
@@ -836,7 +842,8 @@ def run_demo(
     if app:
         import fiftyone as fo
 
-        session = fo.launch_app(dataset)
+        session = fo.launch_app(dataset, **({"port": port} if port else {}))
+        log(f"The App is at {session.url}: press ` for the plugin's operators")
         session.wait()
 
     return dataset, info
@@ -856,6 +863,12 @@ def main(argv=None):
         "--name", default=DATASET_NAME, help=f"dataset name (default {DATASET_NAME})"
     )
     parser.add_argument("--app", action="store_true", help="open the FiftyOne App on the dataset")
+    parser.add_argument("--port", type=int, help="the App's port (default: FiftyOne's, 5151)")
+    parser.add_argument(
+        "--small",
+        action="store_true",
+        help=f"a quicker demo: {SMALL.n_train} training and {SMALL.n_test} test images",
+    )
     parser.add_argument(
         "--db",
         help="keep the database in this directory, served by a MongoDB server of the "
@@ -869,7 +882,14 @@ def main(argv=None):
         private_db.use(os.path.abspath(args.db))
         os.environ.setdefault("FIFTYONE_DEFAULT_DATASET_DIR", os.path.join(os.path.abspath(args.dir), "files"))
 
-    run_demo(args.dir, seed=args.seed, app=args.app, name=args.name)
+    run_demo(
+        args.dir,
+        seed=args.seed,
+        app=args.app,
+        name=args.name,
+        config=SMALL if args.small else None,
+        port=args.port,
+    )
 
 
 if __name__ == "__main__":

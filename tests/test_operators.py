@@ -83,10 +83,11 @@ def test_every_operator_immediately(labelled, resnet20_path):
     assert dataset.count("cam_gt_pointing_hit") == len(dataset)
 
     views = _execute("attention_views", dataset, heatmap_field="cam", open_view="correct_background")
-    counts = views.result["counts"]
-    assert set(counts) == set(cam_plugin.views.VIEW_DESCRIPTIONS)
+    counts = {row["view"]: row["samples"] for row in views.result["counts"]}
+    assert set(counts) == {f"cam_{name}" for name in cam_plugin.views.VIEW_DESCRIPTIONS}
     assert "cam_correct_background" in dataset.list_saved_views()
-    assert counts["correct_background"] == len(dataset.load_saved_view("cam_correct_background"))
+    assert counts["cam_correct_background"] == len(dataset.load_saved_view("cam_correct_background"))
+    assert views.result["ran_on"] == f"the whole dataset ({len(dataset)} samples)"
 
     summary = _execute("class_attention_summary", dataset, heatmap_field="cam").result
     assert {r["class"] for r in summary["rows"]} == set(dataset.distinct("ground_truth.label"))

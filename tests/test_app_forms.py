@@ -1,0 +1,260 @@
+"""What the App's forms and outputs offer a new user, resolved and executed
+through FiftyOne's operator machinery as the App does: only usable heatmap
+fields, the standard target choice (dataset / current view / selected
+samples) with what an operator ran on, one-sentence errors, output
+displays without empty parts, and per-class rankings that need support."""
+
+import asyncio
+
+import fiftyone as fo
+import fiftyone.operators as foo
+import pytest
+from fiftyone.operators.executor import resolve_type
+
+import cam_plugin
+from builders import cifar_dataset
+
+PLUGIN = "@cam-plugin/cam"
+
+
+def uri(name):
+    return f"{PLUGIN}/{name}"
+
+
+@pytest.fixture
+def two_runs(dataset_name, cifar_dir, resnet20_path):
+    """The issue's repro: a CAM run without ground truth under the default
+    name ``cam``, measured against boxes, then a second run with ground
+    truth (``withgt``)."""
+    dataset = cifar_dataset(dataset_name, cifar_dir, per_class=2)
+    boxes = []
+    for label in dataset.values("ground_truth.label"):
+        boxes.append(fo.Detections(detections=[fo.Detection(label=label, bounding_box=[0.25, 0.25, 0.5, 0.5])]))
+    dataset.set_values("objects", boxes)
+    model = f"cifar10_resnet20:{resnet20_path}"
+    cam_plugin.compute_cams(dataset, model, heatmap_field="cam", batch_size=10, device="cpu")
+    cam_plugin.compute_attention(dataset, "cam", region_field="objects", region_classes="all")
+    cam_plugin.compute_cams(
+        dataset, model, label_field="ground_truth", heatmap_field="withgt",
+        pred_field="withgt_prediction", batch_size=10, device="cpu",
+    )
+    cam_plugin.compute_attention(dataset, "withgt", region_field="objects")
+    return dataset
+
+
+def _request(dataset, params, view=None, selected=None):
+    request = {"dataset_name": dataset.name, "params": params, "view": view._serialize() if view else []}
+    if selected is not None:
+        request["selected"] = selected
+    return request
+
+
+def _form(op_name, dataset, view=None, selected=None, **params):
+    prop = asyncio.run(resolve_type(foo.OperatorRegistry(), uri(op_name), _request(dataset, params, view, selected)))
+    assert not isinstance(prop, foo.executor.ExecutionResult), getattr(prop, "error", None)
+    return prop.to_json()["type"]["properties"]
+
+
+def _outputs(op_name, dataset, results, **params):
+    request = dict(_request(dataset, params), target="outputs", results=results)
+    prop = asyncio.run(resolve_type(foo.OperatorRegistry(), uri(op_name), request))
+    return prop.to_json()["type"]["properties"]
+
+
+def _errors(properties):
+    return {name: p.get("error_message") for name, p in properties.items() if p.get("invalid")}
+
+
+def _execute(op_name, dataset, view=None, selected=None, **params):
+    ctx = dict(dataset=dataset, params=params)
+    if view is not None:
+        ctx["view"] = view
+    if selected is not None:
+        ctx["selected"] = selected
+    result = foo.execute_operator(uri(op_name), ctx=ctx)
+    assert result.error is None, result.error
+    return result.result
+
+
+def test_attention_fields_say_which_heatmaps_the_views_can_use(two_runs):
+    described = {f.heatmap_field: f for f in cam_plugin.attention_fields(two_runs)}
+    assert described["withgt"].usable
+    assert (described["withgt"].label_field, described["withgt"].pred_field) == (
+        "ground_truth",
+        "withgt_prediction",
+    )
+    assert not described["cam"].usable
+    assert "without ground truth" in described["cam"].problem
+    # usable fields first
+    assert [f.heatmap_field for f in cam_plugin.attention_fields(two_runs)][0] == "withgt"
+
+
+@pytest.mark.parametrize("op_name", ["attention_views", "class_attention_summary"])
+def test_views_and_summary_forms_offer_only_usable_fields(two_runs, op_name):
+    props = _form(op_name, two_runs)
+    heatmap = props["heatmap_field"]
+    # before: the default was "cam", which has no ground truth
+    assert heatmap["default"] == "withgt"
+    assert [c["value"] for c in heatmap["view"]["choices"]] == ["withgt", "withgt_gt"]
+    assert not _errors(props)
+    # the field left out is named with its reason
+    assert "cam" in props["unusable"]["view"]["label"]
+    assert "without ground truth" in props["unusable"]["view"]["description"]
+
+    # a caller who names it anyway is told why in the form
+    errors = _errors(_form(op_name, two_runs, heatmap_field="cam"))
+    assert "without ground truth" in errors["heatmap_field"]
+
+
+def _app_requests(result):
+    """What an executed operator asked the App to do: (operator, params)."""
+    return [(r.operator_uri, r.params) for r in result.executor._requests]
+
+
+def test_a_run_refused_at_execution_is_one_sentence(two_runs, resnet20_path):
+    """A form can be valid and the run still refused when it starts (here:
+    ground-truth labels the model does not know): the App gets a
+    notification and an output with that one sentence, no traceback."""
+    two_runs.set_values("coarse", [fo.Classification(label="animal") for _ in range(len(two_runs))])
+    params = dict(
+        model=f"cifar10_resnet20:{resnet20_path}", targets="both", label_field="coarse",
+        heatmap_field="coarse_cam", pred_field="coarse_prediction", device="cpu",
+    )
+    result = foo.execute_operator(uri("compute_cams"), ctx=dict(dataset=two_runs, params=params))
+    assert result.error is None, result.error
+    requests = _app_requests(result)
+    notices = [p for name, p in requests if name.endswith("notify")]
+    assert len(notices) == 1 and notices[0]["variant"] == "error"
+    message = notices[0]["message"]
+    assert "animal" in message and "Traceback" not in message and "\n" not in message
+    (shown,) = [p for name, p in requests if name.endswith("show_output")]
+    assert shown["results"] == {"error": message}
+    assert set(shown["outputs"]["type"]["properties"]) == {"error"}
+    # nothing was written
+    assert "coarse_cam" not in two_runs.get_field_schema()
+
+    # the same sentence in the output of an operator that is not a generator
+    # (resolved as the App does after execution)
+    props = _outputs("class_attention_summary", two_runs, {"error": message})
+    assert set(props) == {"error"}
+
+
+def test_the_summary_runs_on_the_chosen_target_and_says_so(two_runs):
+    view = two_runs.match(fo.ViewField("ground_truth.label").is_in(["cat", "dog", "ship"]))
+    ids = two_runs.limit(3).values("id")
+
+    props = _form("class_attention_summary", two_runs, view=view)
+    targets = [c["value"] for c in props["view_target"]["view"]["choices"]]
+    assert {"DATASET", "CURRENT_VIEW"} <= set(targets)
+    props = _form("class_attention_summary", two_runs, view=view, selected=ids)
+    assert "SELECTED_SAMPLES" in [c["value"] for c in props["view_target"]["view"]["choices"]]
+
+    whole = _execute("class_attention_summary", two_runs, view=view, heatmap_field="withgt", view_target="DATASET")
+    assert whole["ran_on"] == f"the whole dataset ({len(two_runs)} samples)"
+    assert sum(r["samples"] for r in whole["rows"]) == len(two_runs)
+
+    current = _execute("class_attention_summary", two_runs, view=view, heatmap_field="withgt", view_target="CURRENT_VIEW")
+    assert current["ran_on"] == "the current view (6 samples)"
+    assert {r["class"] for r in current["rows"]} == {"cat", "dog", "ship"}
+
+    chosen = _execute(
+        "class_attention_summary", two_runs, heatmap_field="withgt", selected=ids, view_target="SELECTED_SAMPLES"
+    )
+    assert chosen["ran_on"] == "the selected samples (3 samples)"
+    assert sum(r["samples"] for r in chosen["rows"]) == 3
+
+
+def test_views_operator_saves_views_of_the_chosen_target(two_runs):
+    view = two_runs.limit(8)
+    result = _execute("attention_views", two_runs, view=view, heatmap_field="withgt", view_target="CURRENT_VIEW")
+    assert result["ran_on"] == "the current view (8 samples)"
+    saved = two_runs.load_saved_view("withgt_misclassified_background")
+    assert set(saved.values("id")) <= set(view.values("id"))
+
+
+def test_every_operator_form_offers_the_target_choice(two_runs, resnet20_path):
+    view = two_runs.limit(4)
+    for op_name, params in [
+        ("compute_cams", dict(model=f"cifar10_resnet20:{resnet20_path}")),
+        ("compute_attention", dict(heatmap_field="withgt")),
+        ("attention_views", {}),
+        ("class_attention_summary", {}),
+    ]:
+        props = _form(op_name, two_runs, view=view, **params)
+        assert "view_target" in props, op_name
+
+
+def test_compute_output_shows_failure_reasons_only_when_there_are_some(two_runs):
+    ok = {"ran_on": "x", "run_key": "withgt", "processed": 3, "failed": 0, "skipped": 0,
+          "status": "completed", "errors": {}, "failure_reasons": [], "queued": []}
+    props = _outputs("compute_attention", two_runs, ok)
+    assert "failure_reasons" not in props and "errors" not in props and "queued" not in props
+    assert {"ran_on", "processed", "failed"} <= set(props)
+
+    failed = dict(ok, failed=2, errors={"unreadable image: x": 2},
+                  failure_reasons=[{"reason": "unreadable image: x", "samples": 2}])
+    props = _outputs("compute_attention", two_runs, failed)
+    assert props["failure_reasons"]["view"]["name"] == "TableView"
+
+
+def test_run_list_shows_counts_and_what_each_run_owns(two_runs):
+    result = _execute("list_cam_runs", two_runs)
+    rows = {r["key"]: r for r in result["runs"]}
+    n = len(two_runs)
+    assert rows["withgt"]["samples"] == f"{n} done, 0 failed, 0 to do"
+    owned = {r["key"]: r for r in result["owned"]}
+    assert "withgt_gt" in owned["withgt"]["fields"] and owned["withgt"]["files_dir"] != "-"
+    props = _outputs("list_cam_runs", two_runs, result)
+    columns = [c["key"] for c in props["runs"]["view"]["columns"]]
+    # the counts lead, the long texts (fields, paths) have a table of their own
+    assert columns[:3] == ["key", "status", "samples"] and "fields" not in columns
+    assert [c["key"] for c in props["owned"]["view"]["columns"]] == ["key", "fields", "files_dir"]
+
+
+def test_class_ranking_needs_support(dataset_name):
+    """One sample at 100% off the object no longer outranks many at 60%:
+    classes rank by the lower end of their 95% Wilson interval, and those
+    with fewer than min_samples come last."""
+    dataset = fo.Dataset(dataset_name)
+    # energies: 0.05 on a 0.25-area object is focus < 0 (off); 0.9 is on it
+    rows = [("rare", "rare", 0.05)] + [("common", "common", 0.05)] * 12 + [("common", "common", 0.9)] * 8
+    rows += [("tiny", "tiny", 0.05)] * 4
+    dataset.add_samples(
+        [
+            fo.Sample(
+                filepath=f"/nonexistent/{i}.jpg",
+                gt=fo.Classification(label=g),
+                pred=fo.Classification(label=p, confidence=0.9),
+                cam_object_energy=e,
+                cam_object_area=0.25,
+            )
+            for i, (g, p, e) in enumerate(rows)
+        ]
+    )
+    dataset.add_sample_field("cam", fo.EmbeddedDocumentField, embedded_doc_type=fo.Heatmap)
+    summary = cam_plugin.class_summary(dataset, "cam", "gt", "pred")
+    order = [r["class"] for r in summary]
+    assert order == ["common", "tiny", "rare"]
+    common = summary[0]
+    assert common["off_object_share"] == pytest.approx(0.6)
+    assert 0.38 < common["off_object_low"] < 0.6 < common["off_object_high"] < 0.82
+    rare = summary[-1]
+    assert rare["off_object_share"] == 1.0 and not rare["enough_samples"]
+    assert rare["off_object_low"] < 0.25
+    # without a minimum, 4 of 4 off (interval 51% to 100%) outranks 12 of 20
+    # (39% to 78%), and 1 of 1 (21% to 100%) still comes last
+    assert [r["class"] for r in cam_plugin.class_summary(dataset, "cam", "gt", "pred", min_samples=1)] == [
+        "tiny", "common", "rare"
+    ]
+
+
+def test_summary_bars_carry_their_counts(two_runs):
+    result = _execute("class_attention_summary", two_runs, heatmap_field="withgt")
+    trace = result["plot"][0]
+    rows = {r["class"]: r for r in result["rows"]}
+    for name, text in zip(trace["x"], trace["text"]):
+        assert text == f"{rows[name]['off_object']}/{rows[name]['samples']}"
+    assert len(trace["error_y"]["array"]) == len(trace["x"])
+    # every class here has 2 samples: all are greyed as ranked last
+    assert set(trace["marker"]["color"]) == {"#b0b0b0"}
+    assert "ranked last" in result["note"]
