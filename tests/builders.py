@@ -111,3 +111,27 @@ def cifar_dataset(name, cifar_dir, per_class=None):
     dataset = fo.Dataset(name)
     dataset.add_samples(samples)
     return dataset
+
+
+def two_cam_runs(name, cifar_dir, checkpoint):
+    """CIFAR images (2 per class) with a box on the object, and the two CAM
+    runs a new user makes: ``cam`` without ground truth (measured against
+    all boxes), then ``withgt`` with it (measured against its class's
+    boxes). The views can use only the second."""
+    import cam_plugin
+
+    dataset = cifar_dataset(name, cifar_dir, per_class=2)
+    boxes = [
+        fo.Detections(detections=[fo.Detection(label=label, bounding_box=[0.25, 0.25, 0.5, 0.5])])
+        for label in dataset.values("ground_truth.label")
+    ]
+    dataset.set_values("objects", boxes)
+    model = f"cifar10_resnet20:{checkpoint}"
+    cam_plugin.compute_cams(dataset, model, heatmap_field="cam", batch_size=10, device="cpu")
+    cam_plugin.compute_attention(dataset, "cam", region_field="objects", region_classes="all")
+    cam_plugin.compute_cams(
+        dataset, model, label_field="ground_truth", heatmap_field="withgt",
+        pred_field="withgt_prediction", batch_size=10, device="cpu",
+    )
+    cam_plugin.compute_attention(dataset, "withgt", region_field="objects")
+    return dataset

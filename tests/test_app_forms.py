@@ -12,7 +12,7 @@ import pytest
 from fiftyone.operators.executor import resolve_type
 
 import cam_plugin
-from builders import cifar_dataset
+from builders import two_cam_runs
 
 PLUGIN = "@cam-plugin/cam"
 
@@ -26,20 +26,7 @@ def two_runs(dataset_name, cifar_dir, resnet20_path):
     """The issue's repro: a CAM run without ground truth under the default
     name ``cam``, measured against boxes, then a second run with ground
     truth (``withgt``)."""
-    dataset = cifar_dataset(dataset_name, cifar_dir, per_class=2)
-    boxes = []
-    for label in dataset.values("ground_truth.label"):
-        boxes.append(fo.Detections(detections=[fo.Detection(label=label, bounding_box=[0.25, 0.25, 0.5, 0.5])]))
-    dataset.set_values("objects", boxes)
-    model = f"cifar10_resnet20:{resnet20_path}"
-    cam_plugin.compute_cams(dataset, model, heatmap_field="cam", batch_size=10, device="cpu")
-    cam_plugin.compute_attention(dataset, "cam", region_field="objects", region_classes="all")
-    cam_plugin.compute_cams(
-        dataset, model, label_field="ground_truth", heatmap_field="withgt",
-        pred_field="withgt_prediction", batch_size=10, device="cpu",
-    )
-    cam_plugin.compute_attention(dataset, "withgt", region_field="objects")
-    return dataset
+    return two_cam_runs(dataset_name, cifar_dir, resnet20_path)
 
 
 def _request(dataset, params, view=None, selected=None):

@@ -1,0 +1,199 @@
+"""A new user's first hour in the App, in a real headless Chromium: the App
+that ``make app`` opens has the plugin; the per-class panel opens on a
+dataset whose first run has no ground truth and lets the user switch runs;
+the views form offers only usable fields; the summary runs on the chosen
+target and says so; the runs table shows its counts and every field; the
+panel's bars carry their counts.
+
+Fixtures (the demo dataset, the App in Chromium, screenshots) are in
+conftest.py.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import fiftyone as fo
+
+import browser
+import demo  # examples/demo.py, put on the path by tests/conftest.py
+from builders import two_cam_runs
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def first_runs(cifar_dir, resnet20_path):
+    """A dataset with a CAM run without ground truth (``cam``) and one with
+    it (``withgt``), both measured."""
+    dataset = two_cam_runs("e2e-first-runs", cifar_dir, resnet20_path)
+    yield dataset
+    fo.delete_dataset(dataset.name)
+
+
+@pytest.fixture
+def on_first_runs(app, first_runs, demo_dataset):
+    """The App switched to ``first_runs``; back to the demo afterwards."""
+    session, page = app
+    session.dataset = first_runs
+    page.get_by_text(f"{len(first_runs)} samples").first.wait_for(timeout=60_000)
+    yield session, page
+    browser.close_menus(page)
+    session.dataset = demo_dataset
+    session.view = demo_dataset.match_tags("test")
+    page.get_by_text(f"{len(demo_dataset.match_tags('test'))} samples").first.wait_for(timeout=60_000)
+
+
+def _no_operator_error(page):
+    text = page.locator("body").inner_text()
+    assert "Operator Error" not in text and "Error occurred" not in text, text[-2000:]
+
+
+def test_make_app_opens_the_app_with_the_plugin(tmp_path, shots):
+    """The README's `make app`, as a user runs it (no FIFTYONE_* settings of
+    the tests), opens an App whose operator browser and panel menu have the
+    plugin."""
+    venv = Path(sys.prefix)
+    if not (venv / ".runtime-installed").is_file():
+        pytest.skip(f"`make app` needs the project's virtual environment; {venv} is not one (run `make test`)")
+    port = browser.free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FIFTYONE_")}
+    # no desktop browser tab from launch_app, no usage tracking
+    env.update(BROWSER="true", FIFTYONE_DO_NOT_TRACK="true")
+    log = tmp_path / "make-app.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            ["make", "-C", str(REPO), "app", f"VENV={venv}", f"DEMO_DIR={tmp_path / 'demo'}",
+             f"ARGS=--small --port {port}"],
+            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    try:
+        deadline = time.time() + 600
+        while "The App is at" not in log.read_text():
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(1)
+        # the demo's own database, never the tests' (nor the user's)
+        assert not (tmp_path / "demo" / "db").is_dir() or any((tmp_path / "demo" / "db").iterdir())
+
+        with browser.page_at(f"http://127.0.0.1:{port}/datasets/{demo.DATASET_NAME}") as page:
+            browser.open_operator(page, "class activation", "Compute class activation maps")
+            page.get_by_text("Model", exact=True).first.wait_for(timeout=30_000)
+            browser.close_menus(page)
+            page.keyboard.press("`")
+            search = page.get_by_placeholder("Search operations by name...")
+            search.fill("CAM runs")
+            page.get_by_text("Manage CAM runs: list", exact=True).wait_for(timeout=15_000)
+            page.screenshot(path=str(shots / "app-make-app-operators.png"))
+            browser.open_panel(page, "Attention by class")
+            page.locator(".js-plotly-plot .bars .point").first.wait_for(timeout=60_000)
+            _no_operator_error(page)
+            page.screenshot(path=str(shots / "app-make-app-panel.png"))
+    finally:
+        # Ctrl+C, as in a terminal: the demo stops its own database server
+        try:
+            os.killpg(proc.pid, signal.SIGINT)
+            proc.wait(timeout=60)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_panel_opens_when_the_first_run_has_no_ground_truth(on_first_runs, first_runs, shots):
+    """Before: "Uncaught Operator Error: The views need the ground-truth
+    field..." on load. Now the panel picks the run it can use, names the
+    other with its reason, and lets the user switch between usable runs."""
+    session, page = on_first_runs
+    browser.open_panel(page, "Attention by class")
+    bars = page.locator(".js-plotly-plot .bars .point")
+    bars.first.wait_for(timeout=60_000)
+    _no_operator_error(page)
+    page.get_by_text("Not offered", exact=False).first.wait_for(timeout=15_000)
+    assert "without ground truth" in page.locator("body").inner_text()
+    ticks = {t.strip() for t in page.locator(".js-plotly-plot .xtick text").all_text_contents()}
+    assert ticks == set(first_runs.distinct("ground_truth.label"))
+    time.sleep(1)
+    page.screenshot(path=str(shots / "app-panel-first-run-without-ground-truth.png"))
+
+    # switch to the ground-truth maps' run, as a user would
+    page.get_by_role("combobox").filter(has_text="withgt").first.click()
+    page.get_by_role("option", name="withgt_gt", exact=True).click(timeout=15_000)
+    page.get_by_text("withgt_gt on the whole dataset", exact=False).first.wait_for(timeout=30_000)
+    bars.first.wait_for(timeout=30_000)
+    _no_operator_error(page)
+
+
+def test_views_form_offers_only_usable_fields_and_runs(on_first_runs, first_runs, shots):
+    session, page = on_first_runs
+    browser.open_operator(page, "wrong place", "Find where the model looked at the wrong place")
+    page.get_by_text("Not offered: cam", exact=False).first.wait_for(timeout=30_000)
+    # the form's dropdown holds the usable field, not the default name "cam"
+    page.get_by_role("combobox").filter(has_text="withgt").first.wait_for(timeout=15_000)
+    assert page.get_by_role("combobox").filter(has_text="cam").count() == 0
+    page.screenshot(path=str(shots / "app-views-form.png"))
+    page.get_by_role("button", name="Execute").click(timeout=30_000)
+    page.get_by_text("Samples per view", exact=True).first.wait_for(timeout=60_000)
+    page.get_by_text(f"the whole dataset ({len(first_runs)} samples)", exact=True).first.wait_for(timeout=15_000)
+    _no_operator_error(page)
+
+
+def test_summary_runs_on_the_current_view_when_chosen(on_first_runs, first_runs, shots):
+    session, page = on_first_runs
+    view = first_runs.match(fo.ViewField("ground_truth.label").is_in(["cat", "dog", "ship"]))
+    session.view = view
+    page.get_by_text(f"{len(view)} samples").first.wait_for(timeout=30_000)
+    browser.open_operator(page, "background", "Which classes look at the background")
+    page.get_by_role("dialog").get_by_text("Current view", exact=True).first.click(timeout=30_000)
+    page.get_by_role("button", name="Execute").click(timeout=30_000)
+    page.get_by_text(f"the current view ({len(view)} samples)", exact=True).first.wait_for(timeout=60_000)
+    for name in ("cat", "dog", "ship"):
+        page.get_by_role("cell", name=name, exact=True).first.wait_for(timeout=15_000)
+    assert page.get_by_role("cell", name="airplane", exact=True).count() == 0
+    page.screenshot(path=str(shots / "app-summary-current-view.png"))
+
+
+_CLIPPED_CELLS = """
+() => Array.from(document.querySelectorAll('td, th'))
+    .filter(c => c.offsetParent !== null && c.scrollWidth > c.clientWidth + 1)
+    .map(c => c.innerText)
+"""
+
+
+def test_runs_table_shows_counts_and_every_field(on_first_runs, first_runs, shots):
+    session, page = on_first_runs
+    browser.open_operator(page, "CAM runs", "Manage CAM runs: list")
+    try:
+        page.get_by_role("button", name="Execute").click(timeout=5_000)
+    except Exception:
+        pass  # no inputs: the App may run it at once
+    n = len(first_runs)
+    page.get_by_text(f"{n} done, 0 failed, 0 to do", exact=True).first.wait_for(timeout=60_000)
+    page.get_by_text("What each run owns", exact=True).first.wait_for(timeout=15_000)
+    for field in ("withgt_prediction", "withgt_gt", "withgt_object_energy"):
+        page.get_by_text(field, exact=False).first.wait_for(timeout=15_000)
+    clipped = page.evaluate(_CLIPPED_CELLS)
+    assert not clipped, f"cells cut off: {json.dumps(clipped)[:500]}"
+    page.screenshot(path=str(shots / "app-runs.png"), full_page=True)
+
+
+def test_panel_bars_show_their_counts(app, demo_dataset, shots):
+    session, page = app
+    browser.open_panel(page, "Attention by class")
+    page.locator(".js-plotly-plot .bars .point").nth(len(demo.CLASSES) - 1).wait_for(timeout=60_000)
+    texts = [t.strip() for t in page.locator(".js-plotly-plot .bars .point text").all_text_contents()]
+    assert len(texts) == len(demo.CLASSES)
+    assert all("/" in t for t in texts), texts
+    # the counts add up to the measured samples
+    assert sum(int(t.split("/")[1]) for t in texts) <= len(demo_dataset.match_tags("test"))
+    page.get_by_text("ranked by the interval", exact=False).first.wait_for(timeout=15_000)
+    time.sleep(1)
+    page.screenshot(path=str(shots / "app-attention-by-class-panel.png"))
