@@ -12,7 +12,8 @@ internal modules:
 -   :func:`list_runs`, :func:`get_run`, :func:`delete_run`: the runs
     registered on a dataset
 -   :func:`load_classifier`, :func:`layer_candidates`: models and the layers
-    a CAM can be taken from
+    a CAM can be taken from; :func:`imagenet_classes`,
+    :func:`read_class_names`: class names for a model without them
 -   what the App's forms offer and check before anything runs:
     :func:`model_layers` (layers without loading a checkpoint),
     :func:`torchvision_classifiers`, :func:`torchvision_weights`,
@@ -27,7 +28,14 @@ import functools
 import os
 
 from .cams import METHODS, CamError, CamExtractor
-from .models import Classifier, ModelError, load_classifier
+from .models import (
+    ClassNamesWarning,
+    Classifier,
+    ModelError,
+    imagenet_classes,
+    load_classifier,
+    read_class_names,
+)
 
 __version__ = "0.1.0"
 
@@ -90,13 +98,15 @@ def compute_cams(
     shard=None,
     delegate=False,
     trust_checkpoint=False,
+    store_logits=False,
     progress=None,
 ):
     """Computes predictions and class activation maps for every sample.
 
     Writes, per sample, in one update of its document after its files:
 
-    -   ``pred_field``: an ``fo.Classification`` (label, confidence, logits)
+    -   ``pred_field``: an ``fo.Classification`` (label, confidence, and
+        the logits with ``store_logits=True``)
     -   ``heatmap_field``: an ``fo.Heatmap`` for the predicted class, whose
         ``map_path`` is a 16-bit PNG in the full image frame holding the
         non-negative CAM values proportional to their raw values (the raw
@@ -130,8 +140,17 @@ def compute_cams(
             method of the optional grad-cam package
         target_layer (None): the layer name; None picks the last layer with
             a spatial output that the class scores depend on
-        classes (None): class names in model-output order; by default the
-            torchvision weights' categories
+        classes (None): the class names in model-output order: a list;
+            ``"imagenet"`` (this exact word, any case) for the ImageNet-1k
+            names (:func:`imagenet_classes`); or the path (a ``str`` other
+            than ``"imagenet"``, or an ``os.PathLike``; a file called
+            imagenet is ``"./imagenet"``) of a text file with one name per
+            line (:func:`read_class_names`). By default the torchvision
+            weights' categories; a model without any is labelled with its
+            output indices and a :class:`ClassNamesWarning` says so when
+            the run starts. The run checks that the model has one output
+            per name and records the names, so continuing it with the same
+            argument (or the same names as a list) resumes it
         transforms (None): a callable from a PIL image to a (3, H, W)
             tensor; by default the weights' own transforms, else ImageNet
             resize 256 / centre-crop 224 / normalise
@@ -166,6 +185,10 @@ def compute_cams(
         trust_checkpoint (False): allow a checkpoint file that can only be
             loaded by full unpickling (which runs code from the file); only
             for files you trust, and never from the App
+        store_logits (False): also store each prediction's logits (one float
+            per class) in its ``logits`` attribute, as FiftyOne's
+            ``apply_model(store_logits=True)`` does; part of the run's
+            configuration, so a run continues only with the same choice
         progress (None): True/False for a progress bar, or a callback
             receiving the ``fiftyone.core.utils.ProgressBar``
 

@@ -45,6 +45,91 @@ class ModelError(ValueError):
     """A model that cannot be loaded or used, with what to do about it."""
 
 
+class ClassNamesWarning(UserWarning):
+    """A run whose model has no class names: its predictions are labelled
+    with output indices (``"0"``, ``"1"``, ...). Issued with
+    ``warnings.warn``, so it shows once in a notebook or script; silence it
+    with ``warnings.simplefilter("ignore", cam_plugin.ClassNamesWarning)``."""
+
+
+#: the ``classes`` keyword naming the ImageNet-1k classes
+IMAGENET = "imagenet"
+
+
+def imagenet_classes():
+    """The 1000 ImageNet-1k class names in the output order of torchvision's
+    ImageNet classifiers (from torchvision's weights metadata; nothing is
+    downloaded). A new list on every call."""
+    return list(torchvision.models.ResNet50_Weights.IMAGENET1K_V1.meta["categories"])
+
+
+def read_class_names(path):
+    """The class names of a text file, one per line in model-output order:
+    surrounding whitespace is stripped and blank lines are skipped (UTF-8,
+    a byte-order mark is ignored).
+
+    Raises:
+        ModelError: for a file that is missing, unreadable or holds no name
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        what = "is a directory, not a file" if os.path.isdir(path) else "not found"
+        raise ModelError(
+            f"Class names file {path}: {what} (give a text file with one class "
+            "name per line, in model-output order)"
+        )
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            names = [line.strip() for line in f]
+    except (OSError, UnicodeDecodeError) as e:
+        raise ModelError(f"Cannot read class names file {path}: {e}") from None
+
+    names = [n for n in names if n]
+    if not names:
+        raise ModelError(
+            f"Class names file {path} holds no class names (expected one per line)"
+        )
+    return names
+
+
+def class_names(classes):
+    """Resolves a ``classes`` argument into a list of names (or None).
+
+    Args:
+        classes: None; the string ``"imagenet"`` (the keyword, whatever its
+            case and surrounding spaces, even where a file of that name
+            exists: give such a file as ``"./imagenet"`` or a ``Path``) for
+            :func:`imagenet_classes`; any other string or ``os.PathLike``: a
+            text file read by :func:`read_class_names`; or a sequence of
+            names in model-output order
+
+    Raises:
+        ModelError: for an unreadable file, or a value of another type
+    """
+    if classes is None:
+        return None
+    if isinstance(classes, str) and classes.strip().lower() == IMAGENET:
+        return imagenet_classes()
+    if isinstance(classes, (str, os.PathLike)):
+        return read_class_names(classes)
+    if isinstance(classes, (bytes, dict)) or not hasattr(classes, "__iter__"):
+        raise ModelError(
+            f"classes must be a list of names, 'imagenet' or the path of a text "
+            f"file with one name per line, not a {type(classes).__name__}"
+        )
+    return [str(c) for c in classes]
+
+
+def classes_source(classes):
+    """Where names given as ``classes`` come from, for messages: the
+    keyword or the file (None for a list)."""
+    if isinstance(classes, str) and classes.strip().lower() == IMAGENET:
+        return "classes='imagenet' (the ImageNet-1k classes)"
+    if isinstance(classes, (str, os.PathLike)):
+        return f"the class names file {os.fspath(classes)}"
+    return None
+
+
 @dataclass
 class Classifier:
     """A classifier with its preprocessing and class names.
@@ -113,7 +198,10 @@ def load_classifier(model, transforms=None, classes=None, trust_checkpoint=False
     Args:
         model: see the module docstring
         transforms (None): overrides the model's default preprocessing
-        classes (None): overrides the model's class names
+        classes (None): overrides the model's class names: a list in
+            model-output order, ``"imagenet"`` for the ImageNet-1k names or
+            the path of a text file with one name per line (see
+            :func:`class_names`)
         trust_checkpoint (False): whether a file given by path may be fully
             unpickled. Without it only tensors and plain containers are
             read, and a file that needs more (a pickled ``nn.Module``) is
@@ -147,7 +235,9 @@ def load_classifier(model, transforms=None, classes=None, trust_checkpoint=False
     if clf.transforms is None:
         clf.transforms = imagenet_transforms()
     if classes is not None:
-        clf.classes = [str(c) for c in classes]
+        clf.classes = classes
+    # a Classifier may carry "imagenet" or a file path as its classes too
+    clf.classes = class_names(clf.classes)
     if not clf.fingerprint:
         clf.fingerprint = weights_fingerprint(clf.module)
 

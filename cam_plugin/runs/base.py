@@ -65,6 +65,8 @@ class RunSummary:
         busy_shards: shards skipped because a live worker holds them
         queued: the delegated operation ids, when the call queued shards
         group_slice: of a grouped dataset, the slice that was processed
+        warnings: what the run warned about when it started (a model
+            without class names, say), also issued with ``warnings.warn``
     """
 
     key: str
@@ -81,6 +83,7 @@ class RunSummary:
     busy_shards: list = field(default_factory=list)
     queued: list = field(default_factory=list)
     group_slice: str = None
+    warnings: list = field(default_factory=list)
 
     def __str__(self):
         if self.queued:
@@ -95,6 +98,8 @@ class RunSummary:
             text += f"; shards {self.busy_shards} are held by other live workers"
         for reason, count in sorted(self.errors.items(), key=lambda x: -x[1]):
             text += f"\n  {count} x {reason}"
+        for warning in self.warnings:
+            text += f"\n  warning: {warning}"
         return text
 
 
@@ -122,6 +127,8 @@ class RunType:
     file_targets = ()
     #: the run applies to the samples that have this field (None: to all)
     candidate_field = None
+    #: messages the run warned about on construction (also ``warnings.warn``)
+    warnings = ()
 
     def config(self):
         """The run's identity: a JSON-serialisable dict of what it computes."""
@@ -489,6 +496,7 @@ def iter_execute(run, *, shard=None, num_shards=1, overwrite=False, retry_failed
         files_dir=config.get("files_dir") or "",
         resumed=resumed,
         group_slice=group_slice_of(samples),
+        warnings=list(run.warnings),
     )
     if summary.group_slice:
         logger.info("Run '%s' processes slice '%s' of the grouped dataset", run.key, summary.group_slice)

@@ -4,6 +4,7 @@ live in the run's own directory."""
 
 import os
 import re
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -15,7 +16,7 @@ from ..batches import compute_batch
 from ..cams import CamError, CamExtractor
 from ..engine import BatchRunner, ErrorKind, SampleError, image_loader, run_loader
 from ..heatmaps import HEATMAP_RANGE
-from ..models import input_shape_of, load_classifier
+from ..models import ClassNamesWarning, classes_source, input_shape_of, load_classifier
 from ..store.files import safe_name
 from ..store.writer import SampleOutput
 from . import records
@@ -122,6 +123,7 @@ class CamRunType(RunType):
         run_key=None,
         chunk_size=None,
         trust_checkpoint=False,
+        store_logits=False,
     ):
         samples = check_collection(samples)
         self.samples = samples
@@ -133,6 +135,9 @@ class CamRunType(RunType):
         self.error_field = f"{heatmap_field}_error"
         self.done_fields = (pred_field,)
         self.heatmap_size = heatmap_size
+        self.store_logits = bool(store_logits)
+        self.warnings = []
+        self._classes_source = None if classes is None else classes_source(classes)
         self.model_spec = model if isinstance(model, (str, os.PathLike)) else None
 
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -182,16 +187,40 @@ class CamRunType(RunType):
 
     def _check_class_count(self):
         names = self.classifier.classes
-        if not names:
-            return
         num_outputs = self.extractor.num_outputs
+        if not names:
+            self._warn_unnamed(num_outputs)
+            return
         if num_outputs != len(names):
+            given = f" by {self._classes_source}" if self._classes_source else ""
             raise CamError(
                 f"The model has {num_outputs} outputs but {len(names)} class "
-                f"names were given ({', '.join(map(str, names[:5]))}"
+                f"names were given{given} ({', '.join(map(str, names[:5]))}"
                 f"{', ...' if len(names) > 5 else ''}); pass one name per "
                 "output, in output order"
             )
+
+    def _warn_unnamed(self, num_outputs):
+        # a model without class names: say so once, at the start, rather
+        # than store labels '987', '293' silently
+        indices = f"'0' ... '{num_outputs - 1}'" if num_outputs > 1 else "'0'"
+        message = (
+            f"The model has no class names, so its predictions are labelled "
+            f"with its output indices ({indices})."
+        )
+        if num_outputs == 1000:
+            message += (
+                " It has 1000 outputs: if it is an ImageNet-1k classifier, pass "
+                "classes='imagenet' to name them; otherwise pass classes=[...] in "
+                "output order or the path of a text file with one name per line."
+            )
+        else:
+            message += (
+                f" To name them, pass classes=[...] ({num_outputs} names in output "
+                "order) or the path of a text file with one name per line."
+            )
+        self.warnings.append(message)
+        warnings.warn(message, ClassNamesWarning)
 
     def _check_label_field(self):
         if self.label_field is None:
@@ -249,6 +278,7 @@ class CamRunType(RunType):
             "heatmap_field": self.heatmap_field,
             "targets": {t.name: t.field for t in self.targets},
             "heatmap_size": self.heatmap_size,
+            "store_logits": self.store_logits,
         }
 
     def fields(self):
@@ -305,7 +335,7 @@ class CamRunType(RunType):
             self.pred_field: fo.Classification(
                 label=names[result.pred] if names else str(result.pred),
                 confidence=result.confidence,
-                logits=result.logits,
+                logits=result.logits if self.store_logits else None,
             )
         }
         out_files = []

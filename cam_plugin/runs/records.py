@@ -482,18 +482,41 @@ def ensure_fields(dataset, fields):
         faults.database_write("schema")
 
 
+# config entries added after records were first written, with the value a
+# record without them stands for, so that such a run still continues
+LATER_KEYS = {"store_logits": False}
+
+
 def comparable(config):
     """The part of a config that decides whether two runs compute the same
     thing."""
-    return {k: v for k, v in config.items() if k not in STATE_KEYS}
+    result = {k: v for k, v in config.items() if k not in STATE_KEYS}
+    for key, default in LATER_KEYS.items():
+        if result.get(key) is None:
+            result[key] = default
+    return result
 
 
 def config_diff(old, new):
     a, b = comparable(old), comparable(new)
-    diffs = [
-        f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)
-    ]
+    diffs = [_difference(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
     return "; ".join(diffs[:4]) or "unknown difference"
+
+
+def _difference(key, old, new, limit=5):
+    # a list of 1000 class names is summarised, not printed
+    lists = isinstance(old, list) and isinstance(new, list)
+    if lists and len(old) == len(new) and len(old) > limit:
+        i = next(i for i, (x, y) in enumerate(zip(old, new)) if x != y)
+        return f"{key}[{i}]: {old[i]!r} -> {new[i]!r}"
+    return f"{key}: {_short(old, limit)} -> {_short(new, limit)}"
+
+
+def _short(value, limit):
+    if isinstance(value, (list, tuple)) and len(value) > limit:
+        head = ", ".join(repr(v) for v in value[:limit])
+        return f"[{len(value)} items: {head}, ...]"
+    return repr(value)
 
 
 def live_shards(config):

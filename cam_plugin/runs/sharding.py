@@ -61,6 +61,9 @@ def queue(run_cls, operator, samples, model_or_args, params, options):
         # form only knows pred/gt/both, so they travel as `target_list`
         op_params = dict(params, model=os.fspath(model), targets=None)
         op_params["target_list"] = [t.spec or t.name for t in run_type.targets]
+        if isinstance(params.get("classes"), (str, os.PathLike)):
+            # "imagenet" or a file, resolved here: the names travel as a list
+            op_params["classes"] = list(run_type.classifier.classes)
     else:
         run_type = run_cls(samples, *model_or_args, **params)
         op_params = dict(params, heatmap_field=model_or_args[0], region_field=model_or_args[1])
@@ -91,6 +94,7 @@ def queue(run_cls, operator, samples, model_or_args, params, options):
         resumed=resumed,
         status=records.get_run(samples, run_type.key)["status"],
         busy_shards=sorted(int(k) for k in live),
+        warnings=list(run_type.warnings),
     )
     for shard in pending:
         try:
