@@ -69,6 +69,8 @@ def _add_run_outputs(outputs, summary):
     outputs.int("processed", label="Samples processed")
     outputs.int("failed", label="Samples failed")
     outputs.int("skipped", label="Samples already done")
+    if summary and summary.get("warnings"):
+        outputs.list("warnings", types.String(), label="Warnings")
     if summary and summary.get("errors"):
         table = types.TableView()
         table.add_column("reason", label="Reason")
@@ -562,6 +564,7 @@ def _progress_updates(steps, ran_on):
         "errors": reasons,
         "failure_reasons": [{"reason": r, "samples": n} for r, n in reasons.items()],
         "queued": summary.queued,
+        "warnings": list(getattr(summary, "warnings", None) or []),
     }
 
 

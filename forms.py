@@ -104,12 +104,8 @@ def model_inputs(ctx, inputs):
             description="Leave empty for a TorchScript file",
             view=archs,
         )
-        inputs.str(
-            "classes",
-            label="Class names",
-            description="Comma-separated, in the order of the model's outputs; "
-            "needed to name predictions and to match ground-truth labels",
-        )
+        if not class_names_inputs(ctx, inputs):
+            return None
         if path and not ctx.params.get("architecture") and not cam_plugin.is_torchscript_file(path):
             prop.invalid = True
             prop.error_message = (
@@ -150,6 +146,72 @@ def model_inputs(ctx, inputs):
         )
 
     return model_spec(ctx.params)
+
+
+CLASS_NAME_SOURCES = {
+    "typed": "Typed here, comma-separated",
+    "file": "A text file, one name per line",
+    "imagenet": "The 1,000 ImageNet-1k classes",
+}
+
+
+def class_names_inputs(ctx, inputs):
+    """Where a model file's class names come from: typed, a text file (read
+    here to check it), or the ImageNet-1k names. They name the predictions
+    and match the ground-truth labels; without them labels are output
+    indices. Returns False when the chosen file cannot be used."""
+    sources = types.RadioGroup(orientation="horizontal")
+    for value, label in CLASS_NAME_SOURCES.items():
+        sources.add_choice(value, label=label)
+    inputs.enum(
+        "class_names_source", sources.values(), default="typed", label="Class names", view=sources
+    )
+    source = ctx.params.get("class_names_source") or "typed"
+    if source == "typed":
+        inputs.str(
+            "classes",
+            label="Class names",
+            description="Comma-separated, in the order of the model's outputs; "
+            "needed to name predictions and to match ground-truth labels",
+        )
+    elif source == "file":
+        prop = inputs.str(
+            "classes_file",
+            required=True,
+            label="Class names file",
+            description="A text file with one class name per line, in the order of the model's outputs",
+        )
+        path = (ctx.params.get("classes_file") or "").strip()
+        if path:
+            try:
+                names = cam_plugin.read_class_names(path)
+            except ValueError as e:
+                prop.invalid = True
+                prop.error_message = str(e)
+                return False
+            shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+            inputs.view("classes_read", types.Notice(label=f"{len(names)} class names: {shown}"))
+    else:
+        inputs.view(
+            "imagenet_notice",
+            types.Notice(label="Predictions are named with torchvision's ImageNet-1k categories; "
+                         "the model must have 1,000 outputs"),
+        )
+    return True
+
+
+def classes_from(params):
+    """The ``classes`` argument of :func:`cam_plugin.compute_cams` from form
+    parameters: a list, ``"imagenet"``, a file path, or None."""
+    source = params.get("class_names_source") or "typed"
+    if source == "file" and params.get("classes_file"):
+        return params["classes_file"].strip()
+    if source == "imagenet":
+        return "imagenet"
+    classes = params.get("classes") or []
+    if isinstance(classes, str):
+        classes = [c.strip() for c in classes.split(",") if c.strip()]
+    return list(classes) or None
 
 
 def method_inputs(inputs):
@@ -287,6 +349,24 @@ def compute_cams_inputs(ctx, inputs):
     )
     ok = pred is not None and heat is not None
 
+    scales = types.RadioGroup(orientation="horizontal")
+    scales.add_choice(
+        "map", label="Per map",
+        description="Each map scaled to its own maximum: compares places within an image",
+    )
+    scales.add_choice(
+        "dataset", label="Dataset-wide",
+        description="One scale for all samples: the same value, the same colour on every image",
+    )
+    inputs.enum("heatmap_scale", scales.values(), default="map", label="Heatmap scale", view=scales)
+
+    inputs.bool(
+        "store_logits",
+        default=False,
+        label="Store logits",
+        description="Keep every class's logit on the predictions (as apply_model's "
+        "store_logits): 1,000 numbers per sample for an ImageNet model",
+    )
     inputs.int("batch_size", default=16, min=1, label="Batch size")
     devices = types.DropdownView()
     for device in _devices():
@@ -330,11 +410,8 @@ def compute_cams_kwargs(params):
     targets = {"pred": ["pred"], "gt": ["gt"], "both": ["pred", "gt"]}
     # queued shards carry the run's targets in the library's terms
     target = params.get("target_list") or params.get("targets") or "pred"
-    classes = params.get("classes") or []
-    if isinstance(classes, str):
-        classes = [c.strip() for c in classes.split(",") if c.strip()]
     kwargs = dict(
-        classes=classes or None,
+        classes=classes_from(params),
         model=model_spec(params),
         method=params.get("method", "gradcam"),
         target_layer=params.get("target_layer"),
@@ -342,10 +419,12 @@ def compute_cams_kwargs(params):
         targets=targets.get(target, target) if isinstance(target, str) else list(target),
         pred_field=params.get("pred_field", "cam_prediction"),
         heatmap_field=params.get("heatmap_field", "cam"),
+        heatmap_scale=params.get("heatmap_scale") or None,
         batch_size=params.get("batch_size"),
         device=params.get("device"),
         overwrite=bool(params.get("overwrite", False)),
         retry_failed=bool(params.get("retry_failed", False)),
+        store_logits=bool(params.get("store_logits", False)),
         num_shards=int(params.get("num_shards") or 1),
         shard=params.get("shard"),
     )

@@ -245,3 +245,37 @@ def test_summary_bars_carry_their_counts(two_runs):
     # every class here has 2 samples: all are greyed as ranked last
     assert set(trace["marker"]["color"]) == {"#b0b0b0"}
     assert "ranked last" in result["note"]
+
+
+def test_class_names_from_a_text_file_in_the_form(two_runs, resnet20_path, tmp_path):
+    """The compute_cams form takes class names from a text file (one per
+    line), checks the file as the user types, and names the predictions
+    with it; the ImageNet-1k choice is offered, and refused at the run's
+    start for a 10-output model in one sentence."""
+    names = [f"file-{n}" for n in cam_plugin.models.CIFAR10_CLASSES]
+    good = tmp_path / "names.txt"
+    good.write_text("\n".join(names) + "\n\n")
+    model = dict(model_source="file", model_path=str(resnet20_path), architecture="cifar10_resnet20")
+
+    props = _form("compute_cams", two_runs, **model, class_names_source="file", classes_file=str(tmp_path / "nope.txt"))
+    assert "nope.txt" in _errors(props)["classes_file"]
+    props = _form("compute_cams", two_runs, **model, class_names_source="file", classes_file=str(good))
+    assert not _errors(props)
+    assert props["classes_read"]["view"]["label"].startswith("10 class names: file-airplane, ")
+    assert "imagenet" in [c["value"] for c in props["class_names_source"]["view"]["choices"]]
+
+    params = dict(model, class_names_source="file", classes_file=str(good), heatmap_field="named",
+                  pred_field="named_prediction", batch_size=10, device="cpu")
+    _execute("compute_cams", two_runs, **params)
+    two_runs.reload()
+    assert set(two_runs.distinct("named_prediction.label")) <= set(names)
+    # no logits unless asked (apply_model's convention)
+    assert two_runs.first().named_prediction.logits is None
+
+    result = foo.execute_operator(
+        uri("compute_cams"),
+        ctx=dict(dataset=two_runs, params=dict(params, class_names_source="imagenet", heatmap_field="inet",
+                                                pred_field="inet_prediction")),
+    )
+    (notice,) = [p for name, p in _app_requests(result) if name.endswith("notify")]
+    assert "10 outputs" in notice["message"] and "1000 class names" in notice["message"]

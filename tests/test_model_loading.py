@@ -12,13 +12,14 @@ plain pickle of tensors, keeps loading without any trust flag.
 import asyncio
 import contextlib
 import pickle
+import re
 from pathlib import Path
 
 import fiftyone.operators as foo
 import pytest
 import torch
 import torchvision
-from fiftyone.operators.executor import ExecutionError, resolve_type
+from fiftyone.operators.executor import resolve_type
 from PIL import Image
 
 import cam_plugin
@@ -161,8 +162,11 @@ def test_the_app_form_never_loads_a_crafted_pickle(crafted, dataset):
 def test_the_operator_refuses_a_crafted_pickle(crafted, dataset):
     path, _ = crafted
     params = dict(model=f"cifar10_resnet20:{path}", batch_size=4, device="cpu")
-    with pytest.raises(ExecutionError, match=REFUSED):
-        foo.execute_operator(COMPUTE_CAMS, ctx=dict(dataset=dataset, params=params))
+    result = foo.execute_operator(COMPUTE_CAMS, ctx=dict(dataset=dataset, params=params))
+    # the App is told why, in one sentence, as an error notification
+    (notice,) = [r.params for r in result.executor._requests if r.operator_uri.endswith("notify")]
+    assert notice["variant"] == "error"
+    assert re.search(REFUSED, notice["message"]), notice["message"]
     dataset.reload()
     assert "cam_prediction" not in dataset.get_field_schema()
 
