@@ -10,6 +10,15 @@ Accepted forms:
     ``"resnet50:none"`` (random initialisation); weights download on first
     use as torchvision does
 -   a path to a TorchScript file (or a loaded TorchScript module)
+-   a path to a ``torch.export`` archive (``.pt2``, from
+    ``torch.export.save``; or a loaded ``ExportedProgram``), exported with
+    a dynamic batch dimension; its submodules keep their names
+    (:mod:`cam_plugin.cams.exported`)
+-   a FiftyOne model, ``fiftyone.utils.torch.TorchImageModel`` (the zoo's
+    torch classifiers), with its own preprocessing and classes, or a zoo
+    name ``"zoo:<name>"`` (``"zoo:resnet50-imagenet-torch"``; downloaded
+    as the zoo does; ``"zoo:<name>:none"``: random weights, nothing
+    downloaded), see :mod:`cam_plugin.fiftyone_models`
 -   ``"<architecture>:<checkpoint path>"``: a torchvision architecture or
     ``cifar10_resnet20`` with a state-dict checkpoint (the number of classes
     is read from the checkpoint); ``"cifar10_resnet20:none"`` is that
@@ -20,7 +29,12 @@ them (``trust_checkpoint=True``): checkpoints are read with
 ``torch.load(weights_only=True)``, which restores tensors and plain
 containers only, because unpickling anything else can run code from the
 file. A pickled ``nn.Module`` (``torch.save(model)``) therefore needs the
-trust flag; TorchScript files run no Python and load either way.
+trust flag; TorchScript files run no Python and load either way. A
+``.pt2`` archive is read as data first and loaded only if it holds nothing
+but raw tensors and standard operators (``torch.export.load`` itself can
+unpickle and run code from a crafted file; see
+:func:`cam_plugin.cams.exported.check_archive`); the trust flag skips
+that check.
 """
 
 import hashlib
@@ -51,6 +65,9 @@ class ClassNamesWarning(UserWarning):
     ``warnings.warn``, so it shows once in a notebook or script; silence it
     with ``warnings.simplefilter("ignore", cam_plugin.ClassNamesWarning)``."""
 
+
+#: the prefix of a FiftyOne model zoo name: ``"zoo:resnet50-imagenet-torch"``
+ZOO_PREFIX = "zoo:"
 
 #: the ``classes`` keyword naming the ImageNet-1k classes
 IMAGENET = "imagenet"
@@ -215,6 +232,12 @@ def load_classifier(model, transforms=None, classes=None, trust_checkpoint=False
         clf = Classifier(
             model.module, model.transforms, model.classes, model.name, model.fingerprint
         )
+    elif _is_fiftyone_model(model):
+        from .fiftyone_models import classifier_from_fiftyone
+
+        clf = classifier_from_fiftyone(model)
+    elif isinstance(model, torch.export.ExportedProgram):
+        clf = _exported_classifier(model, "exported program")
     elif isinstance(model, torch.jit.ScriptModule):
         from .cams.torchscript import HookableScriptModule
 
@@ -227,7 +250,8 @@ def load_classifier(model, transforms=None, classes=None, trust_checkpoint=False
     else:
         raise ModelError(
             f"Unsupported model of type {type(model).__name__}: pass a "
-            "torch.nn.Module, a torchvision model name or a TorchScript path"
+            "torch.nn.Module, a torchvision model name, a TorchScript or .pt2 "
+            "path, a FiftyOne TorchImageModel or 'zoo:<name>'"
         )
 
     if transforms is not None:
@@ -253,7 +277,11 @@ def layer_probe_spec(spec):
     A torchvision name or an ``"<architecture>:<checkpoint>"`` becomes the
     architecture with random weights, ``"<architecture>:none"``, and the
     checkpoint is never opened; a TorchScript file is its own probe, since
-    TorchScript runs no Python.
+    TorchScript runs no Python, and so is a ``.pt2`` archive, which is
+    loaded only once it is checked to hold no code (see
+    :mod:`cam_plugin.cams.exported`); a zoo name ``"zoo:<name>"`` becomes
+    ``"zoo:<name>:none"``, its network with random weights (nothing is
+    downloaded).
 
     Returns:
         a tuple ``(probe spec, the file it loads or None)``
@@ -263,15 +291,21 @@ def layer_probe_spec(spec):
             file that is neither TorchScript nor named with its architecture
     """
     if os.path.isfile(spec):
-        if is_torchscript_file(spec):
+        if is_torchscript_file(spec) or is_exported_program_file(spec):
             return spec, spec
 
         raise ModelError(
-            f"{spec} is not a TorchScript file: for a state-dict checkpoint, "
+            f"{spec} is not a TorchScript file (nor a torch.export .pt2 "
+            "archive): for a state-dict checkpoint, "
             f"name its architecture ('<architecture>:{spec}'); a pickled model "
             "is not opened to list its layers, because loading it would run "
             "code from the file, so export it as TorchScript"
         )
+
+    if spec.startswith(ZOO_PREFIX):
+        from .fiftyone_models import zoo_probe_spec
+
+        return zoo_probe_spec(spec), None
 
     arch, arg, path = _split_spec(spec)
     if path is None:
@@ -308,6 +342,11 @@ def _is_none(arg):
 def _load_from_string(spec, trust_checkpoint):
     if os.path.isfile(spec):
         return _load_file(spec, trust_checkpoint)
+
+    if spec.startswith(ZOO_PREFIX):
+        from .fiftyone_models import load_zoo_classifier
+
+        return load_zoo_classifier(spec)
 
     arch, arg, path = _split_spec(spec)
     if path is not None:
@@ -430,6 +469,15 @@ def _load_file(path, trust_checkpoint):
 
         return Classifier(HookableScriptModule(scripted), None, None, f"torchscript:{path}")
 
+    if is_exported_program_file(path):
+        from .cams.exported import ExportedProgramError, load_exported
+
+        try:
+            module = load_exported(path, trust=trust_checkpoint)
+        except ExportedProgramError as e:
+            raise ModelError(str(e)) from None
+        return _exported_classifier(module, path)
+
     obj = read_checkpoint(path, trust_checkpoint)
     if isinstance(obj, torch.nn.Module):
         return Classifier(obj, None, None, f"{type(obj).__name__}:{path}")
@@ -479,6 +527,34 @@ def _refusal(path, error):
         "save its state_dict() and give it as '<architecture>:<path>', or, "
         "if you trust the file, pass trust_checkpoint=True from Python"
     )
+
+
+def _exported_classifier(program_or_module, source):
+    from .cams.exported import ExportedProgramError, default_transforms, hookable_exported
+
+    module = program_or_module
+    if isinstance(module, torch.export.ExportedProgram):
+        try:
+            module = hookable_exported(module, source=source)
+        except ExportedProgramError as e:
+            raise ModelError(str(e)) from None
+    return Classifier(module, default_transforms(module), None, f"exported:{source}")
+
+
+def _is_fiftyone_model(model):
+    # without importing FiftyOne: a FiftyOne model's class comes from it
+    import sys
+
+    core = sys.modules.get("fiftyone.core.models")
+    return core is not None and isinstance(model, core.Model)
+
+
+def is_exported_program_file(path):
+    """Whether ``path`` is a ``torch.export`` archive (``.pt2``), from its zip
+    listing and format marker alone (nothing in it is loaded)."""
+    from .cams.exported import is_exported_program_file as looks_exported
+
+    return looks_exported(path)
 
 
 def is_torchscript_file(path):
