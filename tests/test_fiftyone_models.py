@@ -61,6 +61,7 @@ def _check_against_apply_model(dataset, model):
         assert ours.label == ref.label, sample.filepath
         assert ours.confidence == pytest.approx(ref.confidence, abs=1e-4)
         confidences.append((ref.confidence, ours.confidence))
+        print(f"{Path(sample.filepath).name}: {ref.label} {ref.confidence:.6f} vs {ours.label} {ours.confidence:.6f}")
 
         # the full image frame: the map keeps the image's aspect ratio
         w, h = sample.metadata.width, sample.metadata.height
