@@ -17,7 +17,7 @@ internal modules:
 -   what the App's forms offer and check before anything runs:
     :func:`model_layers` (layers without loading a checkpoint),
     :func:`torchvision_classifiers`, :func:`torchvision_weights`,
-    :func:`is_torchscript_file`, :func:`check_fields`, :data:`REGION_TYPES`,
+    :func:`is_torchscript_file`, :func:`is_exported_program_file`, :func:`check_fields`, :data:`REGION_TYPES`,
     :func:`metric_field`, :data:`VIEW_DESCRIPTIONS`, :func:`saved_view_name`,
     :func:`class_view` and :class:`Thresholds`
 
@@ -128,7 +128,13 @@ def compute_cams(
             current slice is processed)
         model: a ``torch.nn.Module``, a :class:`Classifier`, a torchvision
             classifier name (``"resnet50"`` or ``"resnet50:IMAGENET1K_V2"``),
-            a TorchScript file path, or ``"<architecture>:<checkpoint>"``
+            a TorchScript file path, a ``torch.export`` archive path
+            (``.pt2``, exported with a dynamic batch dimension),
+            ``"<architecture>:<checkpoint>"``, a FiftyOne
+            ``TorchImageModel`` (its network, transforms and classes, as
+            ``apply_model`` uses them) or a FiftyOne zoo name
+            ``"zoo:<name>"`` (e.g. ``"zoo:resnet50-imagenet-torch"``,
+            downloaded on first use as the zoo does)
         label_field (None): an ``fo.Classification`` field of ground-truth
             labels; adds the ground-truth-class maps
         pred_field ("cam_prediction"): the predictions field
@@ -572,3 +578,13 @@ def is_torchscript_file(path):
     from .models import is_torchscript_file as looks_like_torchscript
 
     return looks_like_torchscript(path)
+
+
+def is_exported_program_file(path):
+    """Whether ``path`` is a ``torch.export`` archive (``.pt2``), from its zip
+    listing and format marker alone (nothing in the file is loaded). Such a
+    file needs no architecture; it is checked to hold no code before it is
+    loaded (see :mod:`cam_plugin.cams.exported`)."""
+    from .models import is_exported_program_file as looks_exported
+
+    return looks_exported(path)
