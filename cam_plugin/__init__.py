@@ -10,7 +10,8 @@ internal modules:
 -   :func:`attention_views`, :func:`class_summary`: the samples where the
     model looked at the wrong place, and the classes that do it most
 -   :func:`list_runs`, :func:`get_run`, :func:`delete_run`: the runs
-    registered on a dataset
+    registered on a dataset; :func:`set_heatmap_scale`: heatmaps coloured
+    per map or on one dataset-wide scale
 -   :func:`load_classifier`, :func:`layer_candidates`: models and the layers
     a CAM can be taken from; :func:`imagenet_classes`,
     :func:`read_class_names`: class names for a model without them
@@ -90,6 +91,7 @@ def compute_cams(
     mixed_precision=False,
     chunk_size=None,
     heatmap_size=256,
+    heatmap_scale=None,
     output_dir=None,
     run_key=None,
     overwrite=False,
@@ -110,8 +112,8 @@ def compute_cams(
     -   ``heatmap_field``: an ``fo.Heatmap`` for the predicted class, whose
         ``map_path`` is a 16-bit PNG in the full image frame holding the
         non-negative CAM values proportional to their raw values (the raw
-        maximum is the label's ``raw_max``; ``range`` is ``[6554, 65535]``:
-        full scale, and the App leaves the weakest 10% transparent)
+        maximum is the label's ``raw_max``; ``range`` says how the App
+        draws it, see ``heatmap_scale``)
     -   ``<heatmap_field>_gt``: the same for the ground-truth class, when
         ``label_field`` is given
     -   ``<heatmap_field>_error``: why a sample failed, for samples that did
@@ -171,6 +173,17 @@ def compute_cams(
             of memory
         heatmap_size (256): the longest side of the heatmap files; the full
             image frame is kept, only the resolution is capped
+        heatmap_scale (None): how the App colours the heatmaps: ``"map"``,
+            each map scaled to its own maximum (``range`` ``[6554,
+            65535]``: its peak gets the colorscale's last colour, its
+            weakest 10% is transparent), or ``"dataset"``, one scale for
+            the dataset (each field's largest raw value gets the last
+            colour, and the same raw value the same colour on every
+            sample). Only the labels' ``range`` differs; it is recorded
+            (``get_run(...)["heatmap_scale"]``), applied again to samples
+            added later, and can be switched with
+            :func:`set_heatmap_scale`. None: the run's recorded scale,
+            ``"map"`` for a new run
         output_dir (None): the root under which the run's own directory is
             made (``<output_dir>/<dataset>-<dataset id>/<run key>-<uid>``);
             default under ``fo.config.default_dataset_dir``. Workers of a
@@ -214,9 +227,25 @@ def iter_compute_cams(samples, model, **kwargs):
     from .runs import cams, sharding
 
     params, options = _split_options(kwargs)
+    # a display setting, not part of what is computed: the run type applies
+    # it when it finishes (cam_plugin.scale)
+    heatmap_scale = params.pop("heatmap_scale", None)
+    if heatmap_scale is not None:
+        from .heatmaps import check_scale
+
+        check_scale(heatmap_scale)
     if options.pop("delegate", False):
-        return sharding.queue(cams.CamRunType, "compute_cams", samples, model, params, options)
-    return (yield from sharding.steps(cams.CamRunType(samples, model, **params), options))
+        summary = sharding.queue(cams.CamRunType, "compute_cams", samples, model, params, options)
+        if heatmap_scale is not None:
+            # recorded (and applied to what is stored) here; each worker
+            # applies the recorded scale again when it finishes
+            from .scale import apply_run_scales
+
+            apply_run_scales(samples._root_dataset, summary.key, heatmap_scale)
+        return summary
+    run = cams.CamRunType(samples, model, **params)
+    run.heatmap_scale = heatmap_scale
+    return (yield from sharding.steps(run, options))
 
 
 # the arguments of compute_* that steer the run rather than say what it computes
@@ -457,6 +486,31 @@ def get_run(samples, run_key):
     from . import runs
 
     return runs.get_run(samples, run_key)
+
+
+def set_heatmap_scale(samples, heatmap_field, scale):
+    """Switches how the App colours a heatmap field of a
+    :func:`compute_cams` run, on every sample of the dataset that has it:
+    ``"map"`` (each map scaled to its own maximum) or ``"dataset"`` (one
+    scale for the dataset: the field's largest raw value gets the
+    colorscale's last colour, and the same raw value the same colour on
+    every sample).
+
+    Only the labels' ``range`` changes (no file is rewritten); the choice is
+    recorded in the run (``get_run(...)["heatmap_scale"]``), applied again
+    when the run adds samples, and stated in the field's description (the
+    App's sidebar tooltip). Only fields a CAM run of this plugin made are
+    touched.
+
+    Returns:
+        the field's largest raw value over the dataset (None if no map)
+
+    Raises:
+        RunError: when the field is not a heatmap field of a CAM run
+    """
+    from .scale import set_heatmap_scale as rescale
+
+    return rescale(samples, heatmap_field, scale)
 
 
 def delete_run(samples, run_key):

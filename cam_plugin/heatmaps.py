@@ -7,10 +7,23 @@ CAM values (zero stays zero, no per-image minimum is subtracted), with the
 image's raw maximum stored on the ``fo.Heatmap`` as ``raw_max`` so raw values
 can be recovered: ``raw = level / 65535 * raw_max``.
 
-The label's ``range`` tells the App how to draw the PNG: its upper end is the
-full scale, 65535; its lower end, 10% of that, is a display threshold. The
-App draws values below the range's start as transparent, so the weakest
-attention does not wash the whole image in the colorscale's darkest colour.
+The label's ``range`` tells the App how to draw the PNG: the App maps a level
+``v`` to the colorscale's position ``(v - start) / (stop - start)`` (capped
+at its last colour) and draws levels below ``start`` as transparent, so the
+weakest attention does not wash the whole image in the colorscale's darkest
+colour. Two scales (:func:`display_range`):
+
+-   ``"map"`` (the default): ``[6554, 65535]``: each map is drawn against its
+    own maximum (its peak gets the colorscale's last colour) and its weakest
+    10% is transparent
+-   ``"dataset"``: ``[0.1 * U, U]`` with ``U = 65535 * dataset_max /
+    raw_max``: every map is drawn against the largest raw value of its field
+    in the dataset, so the same raw value gets the same colour on every
+    sample (a map whose maximum is half the dataset's never gets past the
+    middle of the colorscale), and raw values below 10% of the dataset's
+    maximum are transparent
+
+Only the labels' ranges change between the two; the PNGs stay as written.
 """
 
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +37,45 @@ from .store.files import write_png_atomic
 PNG_MAX = 65535
 DISPLAY_THRESHOLD = 0.1
 HEATMAP_RANGE = [round(DISPLAY_THRESHOLD * PNG_MAX), PNG_MAX]
+
+#: how heatmaps are scaled for display: ``"map"``, each to its own maximum;
+#: ``"dataset"``, all to the largest value of their field in the dataset
+HEATMAP_SCALES = ("map", "dataset")
+
+
+def display_range(raw_max, scale="map", dataset_max=None):
+    """The ``range`` a heatmap label is drawn with in the App.
+
+    Args:
+        raw_max: the map's raw maximum (its PNG level 65535)
+        scale ("map"): ``"map"`` or ``"dataset"``
+        dataset_max (None): for ``"dataset"``, the largest ``raw_max`` of
+            the field in the dataset
+
+    Returns:
+        ``[start, stop]``: :data:`HEATMAP_RANGE` for ``"map"`` (and for a map
+        that is zero everywhere); for ``"dataset"``, ``[0.1 * U, U]`` with
+        ``U = 65535 * dataset_max / raw_max``, where the App draws the raw
+        value ``r`` at the colorscale position ``(r - 0.1 * dataset_max) /
+        (0.9 * dataset_max)`` on every sample
+    """
+    check_scale(scale)
+    if scale == "map" or not raw_max or raw_max <= 0 or not dataset_max or dataset_max <= 0:
+        return list(HEATMAP_RANGE)
+    stop = PNG_MAX * float(dataset_max) / float(raw_max)
+    return [DISPLAY_THRESHOLD * stop, stop]
+
+
+def check_scale(scale):
+    """Returns ``scale`` if it is one of :data:`HEATMAP_SCALES`; raises
+    ValueError otherwise."""
+    if scale not in HEATMAP_SCALES:
+        raise ValueError(
+            f"Unknown heatmap scale {scale!r}: use 'map' (each map scaled to its own "
+            "maximum) or 'dataset' (one scale for the whole dataset: the same value, "
+            "the same colour on every sample)"
+        )
+    return scale
 
 
 def quantize(maps):

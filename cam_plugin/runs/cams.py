@@ -354,7 +354,13 @@ class CamRunType(RunType):
         return SampleOutput(sample_id, values, out_files)
 
     def finish(self, dataset):
+        from ..scale import apply_run_scales
+
         appearance.apply(dataset, {t.name: t.field for t in self.targets})
+        # the heatmaps' display scale (``heatmap_scale`` of compute_cams, set
+        # on the run type by iter_compute_cams; None keeps the recorded one),
+        # applied again on every call: samples added since are scaled alike
+        apply_run_scales(dataset, self.key, getattr(self, "heatmap_scale", None))
 
     def close(self):
         self.classifier.module.to(self._restore_device)

@@ -54,6 +54,8 @@ STATE_KEYS = (
     "cls",
     "type",
     "method",
+    # how the heatmaps are drawn (cam_plugin.scale), not what is computed
+    "heatmap_scale",
 )
 
 
