@@ -17,7 +17,7 @@ import cam_plugin
 
 MODEL_SOURCES = {
     "torchvision": "A torchvision classifier (weights download on first use)",
-    "file": "A TorchScript file, or a checkpoint of a known architecture",
+    "file": "An exported program (.pt2), a TorchScript file, or a checkpoint of a known architecture",
 }
 DEFAULT_TORCHVISION_MODEL = "resnet50"
 CHECKPOINT_ARCHITECTURES = ["cifar10_resnet20"]
@@ -87,7 +87,8 @@ def model_inputs(ctx, inputs):
             "model_path",
             required=True,
             label="Model file",
-            description="Path to a TorchScript file (.pt) or a state-dict checkpoint",
+            description="Path to an exported program (torch.export.save, .pt2), a TorchScript "
+            "file (.pt) or a state-dict checkpoint",
         )
         path = (ctx.params.get("model_path") or "").strip()
         if path and not os.path.isfile(path):
@@ -101,19 +102,22 @@ def model_inputs(ctx, inputs):
         inputs.str(
             "architecture",
             label="Architecture (for a checkpoint)",
-            description="Leave empty for a TorchScript file",
+            description="Leave empty for an exported program or a TorchScript file",
             view=archs,
         )
         if not class_names_inputs(ctx, inputs):
             return None
-        if path and not ctx.params.get("architecture") and not cam_plugin.is_torchscript_file(path):
+        self_describing = path and (
+            cam_plugin.is_torchscript_file(path) or cam_plugin.is_exported_program_file(path)
+        )
+        if path and not ctx.params.get("architecture") and not self_describing:
             prop.invalid = True
             prop.error_message = (
-                f"{path} is not a TorchScript file. Choose the architecture of "
-                "its state dict; a pickled model (torch.save(model)) is not "
-                "opened from the App, because loading it would run code from "
-                "the file: export it as TorchScript, or load it from Python "
-                "with trust_checkpoint=True if you trust it"
+                f"{path} is neither an exported program (.pt2) nor a TorchScript file. "
+                "Choose the architecture of its state dict; a pickled model "
+                "(torch.save(model)) is not opened from the App, because loading it "
+                "would run code from the file: export it with torch.export.save, or "
+                "load it from Python with trust_checkpoint=True if you trust it"
             )
             return None
     else:

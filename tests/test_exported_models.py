@@ -232,3 +232,24 @@ def test_delegated_run_loads_the_pt2_in_a_worker(exported, dataset_name, cifar_d
     dataset.reload()
     assert dataset.count("pt2.map_path") == len(dataset)
     _compare(dataset, "eager", "pt2")
+
+
+def test_the_app_form_takes_a_pt2_without_an_architecture(exported, dataset_name, cifar_dir):
+    """The compute_cams form, resolved as the App does: a .pt2 file needs no
+    architecture (it describes itself), and its layers fill the dropdown."""
+    import asyncio
+
+    import fiftyone.operators as foo
+    from fiftyone.operators.executor import resolve_type
+
+    _, path = exported
+    dataset = cifar_dataset(dataset_name, cifar_dir, per_class=1)
+    request = {
+        "dataset_name": dataset.name,
+        "view": [],
+        "params": {"model_source": "file", "model_path": path},
+    }
+    prop = asyncio.run(resolve_type(foo.OperatorRegistry(), "@cam-plugin/cam/compute_cams", request))
+    props = prop.to_json()["type"]["properties"]
+    assert not {n: p.get("error_message") for n, p in props.items() if p.get("invalid")}
+    assert props["target_layer"]["default"] == "layer4"
