@@ -18,9 +18,10 @@ internal modules:
 -   what the App's forms offer and check before anything runs:
     :func:`model_layers` (layers without loading a checkpoint),
     :func:`torchvision_classifiers`, :func:`torchvision_weights`,
-    :func:`is_torchscript_file`, :func:`is_exported_program_file`, :func:`check_fields`, :data:`REGION_TYPES`,
-    :func:`metric_field`, :data:`VIEW_DESCRIPTIONS`, :func:`saved_view_name`,
-    :func:`class_view` and :class:`Thresholds`
+    :func:`is_torchscript_file`, :func:`is_exported_program_file`,
+    :func:`check_fields`, :data:`REGION_TYPES`, :func:`metric_field`,
+    :func:`attention_fields`, :data:`VIEW_DESCRIPTIONS`,
+    :func:`saved_view_name`, :func:`class_view` and :class:`Thresholds`
 
 The CAM math (:mod:`cam_plugin.cams`) is torch-only and usable on its own.
 """
@@ -40,6 +41,11 @@ from .models import (
 
 __version__ = "0.1.0"
 
+# the set-up's MongoDB 6.0 would otherwise be announced on every connection
+from . import notices as _notices  # noqa: E402
+
+_notices.install()
+
 
 def __getattr__(name):
     # FiftyOne-facing names load on first use, so the CAM math
@@ -56,6 +62,10 @@ def __getattr__(name):
         from .views import Thresholds
 
         return Thresholds
+    if name in ("AttentionField", "ViewsError"):
+        from . import views
+
+        return getattr(views, name)
     if name == "VIEW_DESCRIPTIONS":
         # the attention views' names and what each shows
         from .views import VIEW_DESCRIPTIONS
@@ -423,16 +433,24 @@ def class_summary(
     *,
     background_focus=0.15,
     max_object_area=0.6,
+    min_samples=5,
 ):
     """Per ground-truth class, how often and how strongly attention falls off
     the object, the most affected class first: a list of dicts with
     ``class``, ``samples``, ``off_object``, ``off_object_share``,
-    ``mean_focus``, ``mean_object_energy``, ``accuracy`` and
-    ``misclassified_background``."""
+    ``off_object_low`` and ``off_object_high`` (the share's 95% Wilson
+    interval), ``enough_samples``, ``mean_focus``, ``mean_object_energy``,
+    ``accuracy`` and ``misclassified_background``.
+
+    Classes are ranked by the lower end of the interval, so one sample at
+    100% does not outrank fifty at 60%; classes with fewer than
+    ``min_samples`` measured samples are ranked last."""
     from .views import Thresholds
     from .views import class_summary as summarise
 
-    thresholds = Thresholds(background_focus=background_focus, max_object_area=max_object_area)
+    thresholds = Thresholds(
+        background_focus=background_focus, max_object_area=max_object_area, min_samples=min_samples
+    )
     return summarise(samples, heatmap_field, label_field, pred_field, thresholds)
 
 
@@ -454,6 +472,16 @@ def class_view(
 
     thresholds = Thresholds(background_focus=background_focus, max_object_area=max_object_area)
     return build(samples, heatmap_field, label_field, pred_field, class_name, thresholds)
+
+
+def attention_fields(samples):
+    """The heatmap fields of a collection that have attention metrics, each
+    as an ``AttentionField``: its ground-truth and predictions fields, and
+    ``problem``, the sentence saying why the views and the per-class
+    summary cannot use it (None when they can). Usable fields come first."""
+    from .views import attention_fields as described
+
+    return described(samples)
 
 
 def saved_view_name(heatmap_field, name):
