@@ -40,8 +40,9 @@ def free_port():
 
 
 @contextlib.contextmanager
-def page_at(url, wait_for='[data-cy="looker"]'):
-    """A Chromium page (1400x900) opened at ``url``, once ``wait_for`` shows."""
+def launch():
+    """A headless Chromium (Playwright's sync API: one per thread, so the
+    session shares one, see conftest.py)."""
     from playwright.sync_api import sync_playwright
 
     path = chromium()
@@ -50,25 +51,41 @@ def page_at(url, wait_for='[data-cy="looker"]'):
         # another test or of the user's own Chromium
         browser = p.chromium.launch(executable_path=path, headless=True, args=CHROMIUM_FLAGS)
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 900})
-            page.goto(url, wait_until="domcontentloaded")
-            page.wait_for_selector(wait_for, timeout=120_000)
-            dismiss_popups(page)
-            yield page
+            yield browser
         finally:
             browser.close()
 
 
 @contextlib.contextmanager
-def open_app(view):
+def page_at(browser, url, wait_for='[data-cy="looker"]'):
+    """A page (1400x900) of ``browser`` opened at ``url``, once ``wait_for``
+    shows; closed afterwards."""
+    page = browser.new_page(viewport={"width": 1400, "height": 900})
+    try:
+        page.goto(url, wait_until="domcontentloaded")
+        page.wait_for_selector(wait_for, timeout=120_000)
+        dismiss_popups(page)
+        yield page
+    finally:
+        page.close()
+
+
+@contextlib.contextmanager
+def open_app(browser, view):
     """``(session, page)``: an App server on ``view`` and a page showing it."""
     port = free_port()
     session = fo.launch_app(view, port=port, address="127.0.0.1", remote=True, auto=False)
     try:
-        with page_at(f"http://127.0.0.1:{port}/datasets/{view._root_dataset.name}") as page:
+        with page_at(browser, f"http://127.0.0.1:{port}/datasets/{view._root_dataset.name}") as page:
             yield session, page
     finally:
         session.close()
+
+
+def visible_plot(page):
+    """The Plotly chart on screen (panels closed or behind another tab keep
+    theirs in the page)."""
+    return page.locator(".js-plotly-plot:visible").first
 
 
 def dismiss_popups(page):

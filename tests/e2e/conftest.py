@@ -40,8 +40,15 @@ def demo_dataset(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def app(demo_dataset):
+def chromium_browser():
+    """The session's headless Chromium."""
+    with browser.launch() as b:
+        yield b
+
+
+@pytest.fixture(scope="session")
+def app(chromium_browser, demo_dataset):
     """``(session, page)``: the App on the demo's test samples, in Chromium.
     Tests that change the view or dataset put the test samples back."""
-    with browser.open_app(demo_dataset.match_tags("test")) as (session, page):
+    with browser.open_app(chromium_browser, demo_dataset.match_tags("test")) as (session, page):
         yield session, page

@@ -92,9 +92,9 @@ def test_class_summary_runs_from_the_operator_browser(app, shots):
     for name in demo.CLASSES:
         page.get_by_role("cell", name=name, exact=True).first.wait_for(timeout=15_000)
     # the bar chart drew one bar per class, labelled with the class names
-    page.locator(".js-plotly-plot .bars .point").nth(len(demo.CLASSES) - 1).wait_for(timeout=15_000)
+    browser.visible_plot(page).locator(".bars .point").nth(len(demo.CLASSES) - 1).wait_for(timeout=15_000)
     for name in demo.CLASSES:
-        page.locator(".js-plotly-plot .xtick text", has_text=name).first.wait_for(timeout=15_000)
+        browser.visible_plot(page).locator(".xtick text", has_text=name).first.wait_for(timeout=15_000)
     time.sleep(1)
     page.screenshot(path=str(shots / "app-class-summary.png"))
     page.keyboard.press("Escape")
@@ -110,12 +110,12 @@ def test_attention_by_class_panel_opens_a_class_on_click(app, demo_dataset, shot
     page.locator('[data-cy="new-panel-btn"]').first.click()
     page.get_by_text("Attention by class", exact=True).first.click(timeout=15_000)
 
-    bars = page.locator(".js-plotly-plot .bars .point")
+    bars = browser.visible_plot(page).locator(".bars .point")
     bars.nth(len(demo.CLASSES) - 1).wait_for(timeout=60_000)
     time.sleep(1)
     page.screenshot(path=str(shots / "app-attention-by-class-panel.png"))
 
-    ticks = [t.strip() for t in page.locator(".js-plotly-plot .xtick text").all_text_contents()]
+    ticks = [t.strip() for t in browser.visible_plot(page).locator(".xtick text").all_text_contents()]
     first_class = ticks[0]
     assert set(ticks) == set(demo.CLASSES)
     expected = len(class_view(demo_dataset, "cam", None, None, first_class))

@@ -9,6 +9,7 @@ Fixtures (the demo dataset, the App in Chromium, screenshots) are in
 conftest.py.
 """
 
+import contextlib
 import json
 import os
 import signal
@@ -37,17 +38,40 @@ def first_runs(cifar_dir, resnet20_path):
     fo.delete_dataset(dataset.name)
 
 
+@contextlib.contextmanager
+def _fresh_page(chromium_browser, session, dataset):
+    """A new tab on the App, its panels back to the default layout: a page
+    shared with earlier tests keeps their panels and dialogs."""
+    session.spaces = None
+    url = f"http://127.0.0.1:{session.server_port}/datasets/{dataset.name}"
+    with browser.page_at(chromium_browser, url) as page:
+        yield page
+
+
 @pytest.fixture
-def on_first_runs(app, first_runs, demo_dataset):
-    """The App switched to ``first_runs``; back to the demo afterwards."""
-    session, page = app
+def on_first_runs(app, chromium_browser, first_runs, demo_dataset):
+    """The App switched to ``first_runs``, in a tab of its own; back to the
+    demo afterwards."""
+    session, _ = app
     session.dataset = first_runs
-    page.get_by_text(f"{len(first_runs)} samples").first.wait_for(timeout=60_000)
-    yield session, page
-    browser.close_menus(page)
-    session.dataset = demo_dataset
-    session.view = demo_dataset.match_tags("test")
-    page.get_by_text(f"{len(demo_dataset.match_tags('test'))} samples").first.wait_for(timeout=60_000)
+    try:
+        with _fresh_page(chromium_browser, session, first_runs) as page:
+            page.get_by_text(f"{len(first_runs)} samples").first.wait_for(timeout=60_000)
+            yield session, page
+    finally:
+        session.spaces = None
+        session.dataset = demo_dataset
+        session.view = demo_dataset.match_tags("test")
+
+
+def _execute(page):
+    """Clicks Execute once the form has validated (the App re-resolves a
+    dynamic form after every change, and a slow machine takes a while)."""
+    from playwright.sync_api import expect
+
+    button = page.get_by_role("button", name="Execute")
+    expect(button).to_be_enabled(timeout=120_000)
+    button.click(timeout=30_000)
 
 
 def _no_operator_error(page):
@@ -55,7 +79,7 @@ def _no_operator_error(page):
     assert "Operator Error" not in text and "Error occurred" not in text, text[-2000:]
 
 
-def test_make_app_opens_the_app_with_the_plugin(tmp_path, shots):
+def test_make_app_opens_the_app_with_the_plugin(chromium_browser, tmp_path, shots):
     """The README's `make app`, as a user runs it (no FIFTYONE_* settings of
     the tests), opens an App whose operator browser and panel menu have the
     plugin."""
@@ -82,7 +106,8 @@ def test_make_app_opens_the_app_with_the_plugin(tmp_path, shots):
         # the demo's own database, never the tests' (nor the user's)
         assert not (tmp_path / "demo" / "db").is_dir() or any((tmp_path / "demo" / "db").iterdir())
 
-        with browser.page_at(f"http://127.0.0.1:{port}/datasets/{demo.DATASET_NAME}") as page:
+        url = f"http://127.0.0.1:{port}/datasets/{demo.DATASET_NAME}"
+        with browser.page_at(chromium_browser, url) as page:
             browser.open_operator(page, "class activation", "Compute class activation maps")
             page.get_by_text("Model", exact=True).first.wait_for(timeout=30_000)
             browser.close_menus(page)
@@ -92,7 +117,7 @@ def test_make_app_opens_the_app_with_the_plugin(tmp_path, shots):
             page.get_by_text("Manage CAM runs: list", exact=True).wait_for(timeout=15_000)
             page.screenshot(path=str(shots / "app-make-app-operators.png"))
             browser.open_panel(page, "Attention by class")
-            page.locator(".js-plotly-plot .bars .point").first.wait_for(timeout=60_000)
+            browser.visible_plot(page).locator(".bars .point").first.wait_for(timeout=60_000)
             _no_operator_error(page)
             page.screenshot(path=str(shots / "app-make-app-panel.png"))
     finally:
@@ -114,12 +139,13 @@ def test_panel_opens_when_the_first_run_has_no_ground_truth(on_first_runs, first
     other with its reason, and lets the user switch between usable runs."""
     session, page = on_first_runs
     browser.open_panel(page, "Attention by class")
-    bars = page.locator(".js-plotly-plot .bars .point")
+    plot = browser.visible_plot(page)
+    bars = plot.locator(".bars .point")
     bars.first.wait_for(timeout=60_000)
     _no_operator_error(page)
     page.get_by_text("Not offered", exact=False).first.wait_for(timeout=15_000)
     assert "without ground truth" in page.locator("body").inner_text()
-    ticks = {t.strip() for t in page.locator(".js-plotly-plot .xtick text").all_text_contents()}
+    ticks = {t.strip() for t in plot.locator(".xtick text").all_text_contents()}
     assert ticks == set(first_runs.distinct("ground_truth.label"))
     time.sleep(1)
     page.screenshot(path=str(shots / "app-panel-first-run-without-ground-truth.png"))
@@ -140,7 +166,7 @@ def test_views_form_offers_only_usable_fields_and_runs(on_first_runs, first_runs
     page.get_by_role("combobox").filter(has_text="withgt").first.wait_for(timeout=15_000)
     assert page.get_by_role("combobox").filter(has_text="cam").count() == 0
     page.screenshot(path=str(shots / "app-views-form.png"))
-    page.get_by_role("button", name="Execute").click(timeout=30_000)
+    _execute(page)
     page.get_by_text("Samples per view", exact=True).first.wait_for(timeout=60_000)
     page.get_by_text(f"the whole dataset ({len(first_runs)} samples)", exact=True).first.wait_for(timeout=15_000)
     _no_operator_error(page)
@@ -153,7 +179,7 @@ def test_summary_runs_on_the_current_view_when_chosen(on_first_runs, first_runs,
     page.get_by_text(f"{len(view)} samples").first.wait_for(timeout=30_000)
     browser.open_operator(page, "background", "Which classes look at the background")
     page.get_by_role("dialog").get_by_text("Current view", exact=True).first.click(timeout=30_000)
-    page.get_by_role("button", name="Execute").click(timeout=30_000)
+    _execute(page)
     page.get_by_text(f"the current view ({len(view)} samples)", exact=True).first.wait_for(timeout=60_000)
     for name in ("cat", "dog", "ship"):
         page.get_by_role("cell", name=name, exact=True).first.wait_for(timeout=15_000)
@@ -185,11 +211,17 @@ def test_runs_table_shows_counts_and_every_field(on_first_runs, first_runs, shot
     page.screenshot(path=str(shots / "app-runs.png"), full_page=True)
 
 
-def test_panel_bars_show_their_counts(app, demo_dataset, shots):
-    session, page = app
+def test_panel_bars_show_their_counts(app, chromium_browser, demo_dataset, shots):
+    session, _ = app
+    with _fresh_page(chromium_browser, session, demo_dataset) as page:
+        _bars_show_their_counts(page, demo_dataset, shots)
+
+
+def _bars_show_their_counts(page, demo_dataset, shots):
     browser.open_panel(page, "Attention by class")
-    page.locator(".js-plotly-plot .bars .point").nth(len(demo.CLASSES) - 1).wait_for(timeout=60_000)
-    texts = [t.strip() for t in page.locator(".js-plotly-plot .bars .point text").all_text_contents()]
+    plot = browser.visible_plot(page)
+    plot.locator(".bars .point").nth(len(demo.CLASSES) - 1).wait_for(timeout=60_000)
+    texts = [t.strip() for t in plot.locator(".bars .point text").all_text_contents()]
     assert len(texts) == len(demo.CLASSES)
     assert all("/" in t for t in texts), texts
     # the counts add up to the measured samples
