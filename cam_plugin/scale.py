@@ -34,6 +34,10 @@ def set_heatmap_scale(samples, heatmap_field, scale):
             ``"dataset"`` (one scale for the dataset: the same raw value,
             the same colour on every sample)
 
+    The run's colorscales get their colour tables again as well (see
+    :mod:`cam_plugin.appearance`), should the scheme have been saved from
+    the App's colour settings, which store it without them.
+
     Returns:
         the dataset-wide maximum of the field's raw values (None if no
         sample has a map)
@@ -47,6 +51,10 @@ def set_heatmap_scale(samples, heatmap_field, scale):
     dataset = samples._root_dataset
     key, config = _owning_run(samples, heatmap_field)
     records.RunRecord.of(dataset, key).update(**{f"{RECORD_KEY}.{heatmap_field}": scale})
+    # the colour tables again too: a scheme saved from the App's colour
+    # settings is stored without them (see cam_plugin.appearance)
+    appearance.apply_color_scheme(dataset, config.get("targets") or {})
+    dataset.save()
     return apply_field_scale(dataset, key, config, heatmap_field, scale)
 
 

@@ -218,3 +218,19 @@ def test_a_delegated_run_is_scaled_as_asked_by_its_workers(dataset_name, cifar_d
     for h in labels:
         assert h.range == pytest.approx(display_range(h.raw_max, "dataset", peak))
     assert cam_plugin.get_run(dataset, "cam")["heatmap_scale"] == {"cam": "dataset"}
+
+
+def test_rescaling_restores_the_colour_tables_a_scheme_saved_in_the_app_lost(computed):
+    """The App's colour settings save the scheme without the ``rgb`` tables
+    (the App strips them before saving)."""
+    dataset = computed
+    scheme = dataset.app_config.color_scheme
+    scheme.colorscales = [{k: v for k, v in c.items() if k != "rgb"} for c in scheme.colorscales]
+    dataset.app_config.color_scheme = scheme
+    dataset.save()
+
+    cam_plugin.set_heatmap_scale(dataset, "cam", "map")
+    dataset.reload()
+    scales = {c["path"]: c for c in dataset.app_config.color_scheme.colorscales}
+    assert scales["cam"]["rgb"] == [list(c) for c in fop.get_colormap("jet")]
+    assert scales["cam_gt"]["rgb"] == [list(c) for c in fop.get_colormap("viridis")]
