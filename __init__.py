@@ -442,6 +442,7 @@ class ListRuns(foo.Operator):
             "ran_on": f"dataset '{ctx.dataset.name}' (runs belong to the dataset)",
             "runs": rows,
             "owned": rows,
+            "files": [r for r in rows if r["files_dir"] != "-"],
         }
 
     def resolve_output(self, ctx):
@@ -454,7 +455,11 @@ class ListRuns(foo.Operator):
         owned = types.TableView()
         for key, label in forms.RUN_FIELD_COLUMNS:
             owned.add_column(key, label=label)
-        outputs.list("owned", types.Object(), label="What each run owns", view=owned)
+        outputs.list("owned", types.Object(), label="What each run computed and owns", view=owned)
+        files = types.TableView()
+        for key, label in forms.RUN_FILES_COLUMNS:
+            files.add_column(key, label=label)
+        outputs.list("files", types.Object(), label="Where the heatmap files are", view=files)
         return types.Property(outputs, view=types.View(label="CAM runs"))
 
 

@@ -723,16 +723,33 @@ RUN_COLUMNS = [
     ("status", "Status"),
     ("samples", "Samples"),
     ("shards", "Shards"),
-    ("what", "What"),
     ("timestamp", "Started"),
 ]
 
-#: the second table of the run manager: what each run owns
+#: the second table of the run manager: what each run computed, and the
+#: fields it owns (long texts: a table of their own fits the App's dialog)
 RUN_FIELD_COLUMNS = [
     ("key", "Run key"),
+    ("what", "What"),
     ("fields", "Fields"),
+]
+
+#: the third: where each run's heatmap files are (full paths are long)
+RUN_FILES_COLUMNS = [
+    ("key", "Run key"),
     ("files_dir", "Heatmap files"),
 ]
+
+
+def _short_model(spec):
+    # a checkpoint's directory makes the row wider than the App's dialog; the
+    # full spec is in the run's record (get_run)
+    if not spec:
+        return spec
+    head, sep, tail = str(spec).rpartition(":")
+    if "/" in tail or os.sep in tail:
+        return f"{head}{sep}{os.path.basename(tail)}"
+    return os.path.basename(spec) if ("/" in spec or os.sep in spec) else spec
 
 
 def counts_text(counts):
@@ -775,7 +792,7 @@ def run_rows(samples):
         counts = config.get("counts") or {}
         if key in cam_runs:
             kind = "cams"
-            what = f"{config.get('cam_method')} at {config.get('layer')} of {config.get('model')}"
+            what = f"{config.get('cam_method')} at {config.get('layer')} of {_short_model(config.get('model'))}"
         else:
             kind = "attention"
             what = f"{config.get('heatmap_field')} vs {config.get('region_field') or 'no regions'}"

@@ -190,12 +190,18 @@ def test_run_list_shows_counts_and_what_each_run_owns(two_runs):
     n = len(two_runs)
     assert rows["withgt"]["samples"] == f"{n} done, 0 failed, 0 to do"
     owned = {r["key"]: r for r in result["owned"]}
-    assert "withgt_gt" in owned["withgt"]["fields"] and owned["withgt"]["files_dir"] != "-"
+    assert "withgt_gt" in owned["withgt"]["fields"]
+    files = {r["key"]: r["files_dir"] for r in result["files"]}
+    assert set(files) == {"cam", "withgt"}
+    assert files["withgt"] == cam_plugin.get_run(two_runs, "withgt")["files_dir"]
+    # the model's checkpoint named without its directory: rows fit the dialog
+    assert rows["withgt"]["what"].endswith("of cifar10_resnet20:resnet20-12fca82f.th")
     props = _outputs("list_cam_runs", two_runs, result)
     columns = [c["key"] for c in props["runs"]["view"]["columns"]]
     # the counts lead, the long texts (fields, paths) have a table of their own
     assert columns[:3] == ["key", "status", "samples"] and "fields" not in columns
-    assert [c["key"] for c in props["owned"]["view"]["columns"]] == ["key", "fields", "files_dir"]
+    assert [c["key"] for c in props["owned"]["view"]["columns"]] == ["key", "what", "fields"]
+    assert [c["key"] for c in props["files"]["view"]["columns"]] == ["key", "files_dir"]
 
 
 def test_class_ranking_needs_support(dataset_name):

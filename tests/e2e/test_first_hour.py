@@ -193,6 +193,17 @@ _CLIPPED_CELLS = """
     .map(c => c.innerText)
 """
 
+# tables wider than the dialog they are in: their right columns are cut off
+_WIDE_TABLES = """
+() => {
+    const dialog = document.querySelector('[role="dialog"]');
+    const right = dialog.getBoundingClientRect().right;
+    return Array.from(dialog.querySelectorAll('table'))
+        .filter(t => t.getBoundingClientRect().right > right + 1 || t.scrollWidth > t.parentElement.clientWidth + 1)
+        .map(t => t.innerText.slice(0, 80));
+}
+"""
+
 
 def test_runs_table_shows_counts_and_every_field(on_first_runs, first_runs, shots):
     session, page = on_first_runs
@@ -203,11 +214,13 @@ def test_runs_table_shows_counts_and_every_field(on_first_runs, first_runs, shot
         pass  # no inputs: the App may run it at once
     n = len(first_runs)
     page.get_by_text(f"{n} done, 0 failed, 0 to do", exact=True).first.wait_for(timeout=60_000)
-    page.get_by_text("What each run owns", exact=True).first.wait_for(timeout=15_000)
+    page.get_by_text("What each run computed and owns", exact=True).first.wait_for(timeout=15_000)
     for field in ("withgt_prediction", "withgt_gt", "withgt_object_energy"):
         page.get_by_text(field, exact=False).first.wait_for(timeout=15_000)
     clipped = page.evaluate(_CLIPPED_CELLS)
     assert not clipped, f"cells cut off: {json.dumps(clipped)[:500]}"
+    wide = page.evaluate(_WIDE_TABLES)
+    assert not wide, f"tables wider than the dialog: {json.dumps(wide)[:500]}"
     page.screenshot(path=str(shots / "app-runs.png"), full_page=True)
 
 
