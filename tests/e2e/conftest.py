@@ -1,5 +1,7 @@
-"""Browser fixtures shared by the App tests: one demo dataset, one App
-server and one headless Chromium page for the whole session.
+"""Browser fixtures shared by the App tests of a module: one demo dataset,
+one App server and one headless Chromium page, closed when the module ends
+(an App server left running through the rest of the suite would outlive
+what it serves).
 
 Needs Debian's ``chromium`` (``.ci/run`` installs it). Screenshots go to
 ``$CAM_PLUGIN_SCREENSHOTS`` (default: a temporary directory); ``make
@@ -17,7 +19,7 @@ import browser  # tests/e2e/browser.py
 import demo  # examples/demo.py, put on the path by tests/conftest.py
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def shots(tmp_path_factory):
     out = os.environ.get("CAM_PLUGIN_SCREENSHOTS")
     path = Path(out) if out else tmp_path_factory.mktemp("screenshots")
@@ -25,7 +27,7 @@ def shots(tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def demo_dataset(tmp_path_factory):
     """The demo's dataset (a smaller one), processed by the plugin: CAMs,
     attention metrics and views."""
@@ -39,14 +41,14 @@ def demo_dataset(tmp_path_factory):
     fo.delete_dataset(dataset.name)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def chromium_browser():
     """The session's headless Chromium."""
     with browser.launch() as b:
         yield b
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def app(chromium_browser, demo_dataset):
     """``(session, page)``: the App on the demo's test samples, in Chromium.
     Tests that change the view or dataset put the test samples back."""

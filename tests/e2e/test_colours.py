@@ -125,7 +125,9 @@ def test_each_map_is_drawn_in_its_own_colorscale(app, demo_dataset, shots):
     assert figures["cam"]["jet"] > 0.9, figures["cam"]
     assert figures["cam"]["red"] > 0.03 and figures["cam"]["purple"] < 0.03, figures["cam"]
     assert figures["cam_gt"]["jet"] < 0.1, figures["cam_gt"]
-    assert figures["cam_gt"]["red"] < 0.002 and figures["cam_gt"]["purple"] > 0.05, figures["cam_gt"]
+    # (jet paints 20% red here; a busy machine catches a few blended pixels
+    # of a frame still settling)
+    assert figures["cam_gt"]["red"] < 0.01 and figures["cam_gt"]["purple"] > 0.05, figures["cam_gt"]
 
     # the sidebar's field tooltip says what the colours mean
     _tooltip(page, "cam", "jet: blue = weak, red = the map's own maximum")
