@@ -135,3 +135,12 @@ def two_cam_runs(name, cifar_dir, checkpoint):
     )
     cam_plugin.compute_attention(dataset, "withgt", region_field="objects")
     return dataset
+
+
+def drain(steps):
+    """Runs an ``iter_compute_*`` generator to its end; returns its summary."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as stop:
+            return stop.value

@@ -57,14 +57,6 @@ def _unnamed_warnings(record):
     return [w for w in record if issubclass(w.category, ClassNamesWarning)]
 
 
-def _drain(gen):
-    while True:
-        try:
-            next(gen)
-        except StopIteration as stop:
-            return stop.value
-
-
 # ---------------------------------------------------------------------------
 # the public helpers
 

@@ -14,7 +14,7 @@ import pytest
 
 import cam_plugin
 from cam_plugin.runs.base import shard_of
-from builders import cifar_dataset
+from builders import cifar_dataset, drain
 
 FAST = dict(batch_size=2, num_workers=0, device="cpu")
 
@@ -26,14 +26,6 @@ def resnet20(resnet20_path):
 
 def _pngs(root):
     return sorted(str(p) for p in Path(root).rglob("*.png*"))
-
-
-def _drain(gen):
-    while True:
-        try:
-            next(gen)
-        except StopIteration as stop:
-            return stop.value
 
 
 _RUN_SCRIPT = textwrap.dedent(
@@ -176,7 +168,7 @@ def test_a_shard_finished_by_another_worker_is_not_computed_again(dataset_name, 
     assert b.busy_shards == [0] and b.shards == [1] and b.processed == len(in_shard1)
     b_files = {p: os.path.getmtime(p) for p in dataset.select(in_shard1).values("cam.map_path")}
 
-    a = _drain(worker_a)
+    a = drain(worker_a)
     assert a.processed == len(ids) - len(in_shard1)  # shard 0 only
     assert all(os.path.getmtime(p) == t for p, t in b_files.items())
 
@@ -199,7 +191,7 @@ def test_a_sample_deleted_during_an_earlier_shard_does_not_crash_the_run(dataset
     next(gen)
     dataset.delete_samples(in_shard1[:1])
 
-    summary = _drain(gen)
+    summary = drain(gen)
     assert summary.status == "completed"
     assert dataset.count("cam_prediction") == len(dataset) == len(ids) - 1
 
@@ -217,7 +209,7 @@ def test_a_sample_deleted_mid_run_leaves_no_orphan_file(dataset_name, cifar_dir,
     gen = cam_plugin.iter_compute_cams(dataset, resnet20, **FAST)
     next(gen)
     dataset.delete_samples(ids[-1:])
-    summary = _drain(gen)
+    summary = drain(gen)
 
     files_dir = cam_plugin.get_run(dataset, "cam")["files_dir"]
     assert set(_pngs(files_dir)) == set(dataset.values("cam.map_path"))
@@ -347,7 +339,7 @@ def test_a_clone_made_during_a_run_does_not_inherit_its_live_worker(dataset_name
     next(gen)
     clone = dataset.clone(f"{dataset_name}_clone")
     try:
-        _drain(gen)
+        drain(gen)
         run = cam_plugin.get_run(clone, "cam")
         assert run["shards"].get("0", {}).get("state") != "running"
         cam_plugin.delete_run(clone, "cam")
