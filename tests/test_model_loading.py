@@ -140,7 +140,7 @@ def test_the_app_form_never_loads_a_crafted_pickle(crafted, dataset):
     # a model file without an architecture is refused by looking at it
     props = _form(dataset, model_source="file", model_path=str(path))
     error = _errors(props)["model_path"]
-    assert "not a TorchScript file" in error and REFUSED in error, error
+    assert "nor a TorchScript file" in error and REFUSED in error, error
     assert "target_layer" not in props
 
     # the same file as a complete specification from Python

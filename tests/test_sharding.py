@@ -331,7 +331,9 @@ def test_queued_shards_carry_every_kind_of_target(dataset_name, cifar_dir, resne
         dataset, spec, label_field="ground_truth", targets=["pred", "gt", "top2", "class:cat"],
         delegate=True, num_shards=2, **SLOW,
     )
-    assert len(summary.queued) == 2
+    # sample ids are random, so which shards have samples is read from them
+    shards = sorted({shard_of(i, 2) for i in dataset.values("id")})
+    assert len(summary.queued) == len(shards)
     for op in _repo().list_operations(dataset_name=dataset.name):
         params = dict(op.context.request_params["params"], delegate=False)
         result = foo.execute_operator(op.operator, ctx=dict(view=dataset.view(), params=params))
@@ -340,7 +342,7 @@ def test_queued_shards_carry_every_kind_of_target(dataset_name, cifar_dir, resne
     for field in ("cam", "cam_gt", "cam_top2", "cam_cat"):
         assert dataset.count(field) == len(dataset), field
     run = cam_plugin.get_run(dataset, "cam")
-    assert run["status"] == "completed" and sorted(run["shards"]) == ["0", "1"]
+    assert run["status"] == "completed" and sorted(run["shards"]) == [str(k) for k in shards]
 
 
 def test_attention_runs_shard_the_same_way(dataset_name, cifar_dir, resnet20_path):
@@ -356,9 +358,13 @@ def test_attention_runs_shard_the_same_way(dataset_name, cifar_dir, resnet20_pat
     summary = cam_plugin.compute_attention(
         dataset, "cam", "objects", region_classes="all", delegate=True, num_shards=3
     )
-    assert len(summary.queued) == 3
+    # sample ids are random: an empty shard is not queued (10 samples leave
+    # one of 3 shards empty about once in 20 datasets)
+    shards = sorted({shard_of(i, 3) for i in dataset.values("id")})
+    assert len(shards) > 1
+    assert len(summary.queued) == len(shards)
     ops = _repo().list_operations(dataset_name=dataset.name)
-    assert sorted(op.context.request_params["params"]["shard"] for op in ops) == [0, 1, 2]
+    assert sorted(op.context.request_params["params"]["shard"] for op in ops) == shards
     for op in ops:
         params = dict(op.context.request_params["params"], delegate=False)
         result = foo.execute_operator(op.operator, ctx=dict(view=dataset.view(), params=params))

@@ -143,7 +143,7 @@ def test_panel_opens_when_the_first_run_has_no_ground_truth(on_first_runs, first
     bars = plot.locator(".bars .point")
     bars.first.wait_for(timeout=60_000)
     _no_operator_error(page)
-    page.get_by_text("Not offered", exact=False).first.wait_for(timeout=15_000)
+    page.get_by_text("Not offered", exact=False).first.wait_for(timeout=30_000)
     assert "without ground truth" in page.locator("body").inner_text()
     ticks = {t.strip() for t in plot.locator(".xtick text").all_text_contents()}
     assert ticks == set(first_runs.distinct("ground_truth.label"))
@@ -152,7 +152,7 @@ def test_panel_opens_when_the_first_run_has_no_ground_truth(on_first_runs, first
 
     # switch to the ground-truth maps' run, as a user would
     page.get_by_role("combobox").filter(has_text="withgt").first.click()
-    page.get_by_role("option", name="withgt_gt", exact=True).click(timeout=15_000)
+    page.get_by_role("option", name="withgt_gt", exact=True).click(timeout=30_000)
     page.get_by_text("withgt_gt on the whole dataset", exact=False).first.wait_for(timeout=30_000)
     bars.first.wait_for(timeout=30_000)
     _no_operator_error(page)
