@@ -267,6 +267,12 @@ def classification_fields(samples):
     return sorted(schema)
 
 
+def ground_truth_fields(samples):
+    """The fields compute_cams takes as ground truth: classifications, and
+    objects (detections, polylines) whose largest one gives the class."""
+    return _fields_of(samples, (fo.Classification, fo.Detections, fo.Polylines))
+
+
 def target_inputs(ctx, inputs, samples):
     choices = types.RadioGroup(orientation="horizontal")
     choices.add_choice("pred", label="Predicted class")
@@ -280,14 +286,15 @@ def target_inputs(ctx, inputs, samples):
         view=choices,
     )
 
-    label_fields = classification_fields(samples)
+    label_fields = ground_truth_fields(samples)
     fields = types.DropdownView()
     for name in label_fields:
         fields.add_choice(name, label=name)
     prop = inputs.str(
         "label_field",
         label="Ground-truth field",
-        description="fo.Classification labels; needed for ground-truth maps",
+        description="fo.Classification labels, or fo.Detections / fo.Polylines (an image's "
+        "class is then its largest object's); needed for ground-truth maps",
         view=fields,
     )
 
@@ -297,10 +304,38 @@ def target_inputs(ctx, inputs, samples):
         prop.invalid = True
         prop.error_message = (
             "Ground-truth maps need a ground-truth field"
-            + ("" if label_fields else "; this dataset has no fo.Classification field")
+            + ("" if label_fields else "; this dataset has no classification, detections or polylines field")
         )
         return False
 
+    return class_map_input(ctx, inputs) if label_field else True
+
+
+def class_map_input(ctx, inputs):
+    """The class map file (JSON or CSV) from the ground truth's classes to
+    the model's, read and checked as the user types (its model classes are
+    checked against the model's when the run starts)."""
+    prop = inputs.str(
+        "class_map_file",
+        label="Class map (optional)",
+        description="A .json file {dataset class: [model classes]} or a .csv file (rows: "
+        "dataset class, model class, ...) when the labels are not the model's class names; "
+        "a prediction is right when it is one of its class's model classes",
+    )
+    path = (ctx.params.get("class_map_file") or "").strip()
+    if not path:
+        return True
+    try:
+        class_map = cam_plugin.ClassMap.load(path)
+    except cam_plugin.ClassMapError as e:
+        prop.invalid = True
+        prop.error_message = str(e)
+        return False
+    inputs.view(
+        "class_map_read",
+        types.Notice(label=f"{len(class_map)} dataset classes mapped: {', '.join(sorted(class_map.sets)[:8])}"
+                     f"{', ...' if len(class_map) > 8 else ''}"),
+    )
     return True
 
 
@@ -420,6 +455,8 @@ def compute_cams_kwargs(params):
         method=params.get("method", "gradcam"),
         target_layer=params.get("target_layer"),
         label_field=params.get("label_field") or None,
+        # a queued shard carries the map as the run records it
+        class_map=params.get("class_map") or (params.get("class_map_file") or "").strip() or None,
         targets=targets.get(target, target) if isinstance(target, str) else list(target),
         pred_field=params.get("pred_field", "cam_prediction"),
         heatmap_field=params.get("heatmap_field", "cam"),

@@ -14,7 +14,8 @@ internal modules:
     per map or on one dataset-wide scale
 -   :func:`load_classifier`, :func:`layer_candidates`: models and the layers
     a CAM can be taken from; :func:`imagenet_classes`,
-    :func:`read_class_names`: class names for a model without them
+    :func:`read_class_names`: class names for a model without them;
+    :class:`ClassMap`: ground truth in another vocabulary than the model's
 -   what the App's forms offer and check before anything runs:
     :func:`model_layers` (layers without loading a checkpoint),
     :func:`torchvision_classifiers`, :func:`torchvision_weights`,
@@ -30,6 +31,7 @@ import functools
 import os
 
 from .cams import METHODS, CamError, CamExtractor
+from .class_map import LABEL_RULES, ClassMap, ClassMapError
 from .models import (
     ClassNamesWarning,
     Classifier,
@@ -111,6 +113,8 @@ def compute_cams(
     delegate=False,
     trust_checkpoint=False,
     store_logits=False,
+    class_map=None,
+    label_rule=None,
     progress=None,
 ):
     """Computes predictions and class activation maps for every sample.
@@ -127,6 +131,12 @@ def compute_cams(
     -   ``<heatmap_field>_gt``: the same for the ground-truth class, when
         ``label_field`` is given
     -   ``<heatmap_field>_error``: why a sample failed, for samples that did
+    -   with a ``class_map`` or a ``label_field`` of objects:
+        ``<heatmap_field>_gt_class``, the image's class the sample is judged
+        by (an ``fo.Classification`` of a dataset class), and
+        ``<heatmap_field>_correct``, whether the prediction is one of that
+        class's model classes; both are empty for a sample whose labels map
+        to nothing (see ``class_map``)
 
     The run is registered on the dataset under ``run_key``. Calling again
     with the same arguments continues it: after an interruption (even
@@ -147,8 +157,10 @@ def compute_cams(
             ``apply_model`` uses them) or a FiftyOne zoo name
             ``"zoo:<name>"`` (e.g. ``"zoo:resnet50-imagenet-torch"``,
             downloaded on first use as the zoo does)
-        label_field (None): an ``fo.Classification`` field of ground-truth
-            labels; adds the ground-truth-class maps
+        label_field (None): the ground-truth labels, which add the
+            ground-truth-class maps: an ``fo.Classification`` field, or an
+            ``fo.Detections`` / ``fo.Polylines`` field, whose image class is
+            given by ``label_rule``
         pred_field ("cam_prediction"): the predictions field
         heatmap_field ("cam"): the predicted-class heatmap field
         method ("gradcam"): one of :data:`METHODS` (``cam``, ``gradcam``,
@@ -218,6 +230,27 @@ def compute_cams(
             per class) in its ``logits`` attribute, as FiftyOne's
             ``apply_model(store_logits=True)`` does; part of the run's
             configuration, so a run continues only with the same choice
+        class_map (None): the ground truth's classes in the model's terms:
+            a dict from dataset class to a model class or a list of them
+            (``{"dog": [the 118 ImageNet dog breeds], "car": ["sports
+            car", "convertible", "cab", ...]}``), a
+            :class:`~cam_plugin.class_map.ClassMap`, or the path of a JSON
+            file (such a dict) or a CSV file (rows ``dataset class, model
+            class[, ...]``). A prediction is correct when it is one of the
+            sample's class's model classes, and the ground-truth map is
+            taken for the one of them the model scores highest. Samples
+            whose labels map to nothing get predictions and
+            predicted-class maps only; the run's summary warns how many,
+            and :func:`class_summary` counts them as unmapped. Recorded in
+            the run, so the views and the summary judge by the same map.
+            None: labels must be model class names (an ``fo.Classification``
+            label that is not one is refused; objects whose class is not
+            one are left out by ``label_rule``)
+        label_rule (None): how an image labelled with objects gets its
+            class: ``"largest"`` (the default), its largest object's class
+            among those the class map covers (boxes by area, closed or
+            filled polylines by polygon area). ``"all"`` (every object's
+            class as a multi-label target) is not supported yet
         progress (None): True/False for a progress bar, or a callback
             receiving the ``fiftyone.core.utils.ProgressBar``
 
@@ -332,7 +365,9 @@ def compute_attention(
             ``fo.Segmentation`` or ``fo.Heatmap``; None computes only the
             region-free metrics
         label_field (None): the ground-truth ``fo.Classification`` field;
-            defaults to the one the CAM run used
+            defaults to the one the CAM run used (for a run with a
+            ``class_map`` or objects as ground truth, its
+            ``<heatmap_field>_gt_class``, each image's class)
         gt_heatmap_field (None): the ground-truth-class heatmap field;
             defaults to the CAM run's
         region_classes ("gt"): ``"gt"``: the objects labelled with the
@@ -444,7 +479,13 @@ def class_summary(
 
     Classes are ranked by the lower end of the interval, so one sample at
     100% does not outrank fifty at 60%; classes with fewer than
-    ``min_samples`` measured samples are ranked last."""
+    ``min_samples`` measured samples are ranked last.
+
+    For a run with a ``class_map`` (or objects as ground truth) the classes
+    are the dataset's, ``accuracy`` counts a prediction in the class's set
+    as right, and the returned list (a ``ClassSummary``) also has
+    ``unmapped``, the samples whose labels map to nothing, and
+    ``unmapped_labels``, how many of them carry each label."""
     from .views import Thresholds
     from .views import class_summary as summarise
 

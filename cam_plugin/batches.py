@@ -35,13 +35,39 @@ class SampleResult:
     maps: dict
 
 
+def _gt_tensor(gt, device):
+    # candidate sets, padded with -1 to one (B, K) tensor
+    if any(isinstance(g, (list, tuple)) for g in gt):
+        width = max(1, max(len(g) for g in gt))
+        gt = [list(g) + [-1] * (width - len(g)) for g in gt]
+    return torch.tensor(gt, dtype=torch.long, device=device)
+
+
+def best_candidate(logits, candidates):
+    """Per row, the candidate class the model scores highest, or -1 for a
+    row without candidates (no map is made for it).
+
+    Args:
+        logits: (B, C) class scores
+        candidates: (B, K) class indices, padded with -1
+    """
+    valid = candidates >= 0
+    scores = logits.gather(1, candidates.clamp(min=0)).float()
+    scores = scores.masked_fill(~valid, float("-inf"))
+    best = candidates.gather(1, scores.argmax(1, keepdim=True)).squeeze(1)
+    return torch.where(valid.any(1), best, torch.full_like(best, -1))
+
+
 def compute_batch(extractor, group, gt, picks, heatmap_size, device):
     """Predictions and framed, quantised maps of a batch of loaded samples.
 
     Args:
         extractor: a :class:`cam_plugin.cams.CamExtractor`
         group: a :class:`cam_plugin.engine.Group`
-        gt: the items' ground-truth class indices (-1 when unknown)
+        gt: the items' ground-truth class indices (-1 when unknown), or per
+            item a sequence of candidate indices (a class map's set; empty
+            when unknown), which the ``gt`` pick chooses among (see
+            :func:`best_candidate`)
         picks: a dict mapping target names to ``pick(logits, gt) -> (B,)``
             class indices
         heatmap_size: the longest side of the framed maps
@@ -53,7 +79,7 @@ def compute_batch(extractor, group, gt, picks, heatmap_size, device):
     """
     items = group.items
     x = group.tensor.to(device, non_blocking=True)
-    gt = torch.tensor(list(gt), dtype=torch.long, device=device)
+    gt = _gt_tensor(list(gt), device)
     target_fns = {name: (lambda logits, pick=pick: pick(logits, gt)) for name, pick in picks.items()}
     result = extractor(x, target_fns)
 

@@ -11,6 +11,15 @@ which is 0 for attention spread uniformly, 1 for attention entirely on the
 object and negative for attention that avoids it; and they leave out
 samples whose object covers more than ``max_object_area`` of the image,
 where no map can tell object from background.
+
+A prediction is right when it equals the ground-truth label; for a run
+with a class map or objects as ground truth (see
+:mod:`cam_plugin.class_map`), when it is one of the model classes of the
+image's class, as the run judged and stored it (``<heatmap_field>_gt_class``
+and ``<heatmap_field>_correct``). Samples whose labels map to nothing are
+left out of the views that compare with the ground truth, kept in
+``qa_unlabelled_attention`` (which needs none) and counted by the
+summary's ``unmapped``.
 """
 
 from collections import defaultdict
@@ -89,12 +98,19 @@ class AttentionField:
         pred_field: the predictions field of its run, or None
         problem: why the views cannot use it (one sentence saying what to
             do), or None when they can
+        correct_field: for a run judging by a class map, its boolean
+            field of right and wrong predictions (``label_field`` is then
+            its field of each image's class); None otherwise
+        source_field: the labels a run with a class map read its
+            ground truth from (``label_field`` of compute_cams), or None
     """
 
     heatmap_field: str
     label_field: str = None
     pred_field: str = None
     problem: str = None
+    correct_field: str = None
+    source_field: str = None
 
     @property
     def usable(self):
@@ -117,11 +133,18 @@ def describe_field(samples, heatmap_field, label_field=None, pred_field=None):
     owner = runs.field_owners(samples).get(heatmap_field)
     config = runs.get_run(samples, owner, derive=False) if owner else {}
     measured = _attention_config(samples, heatmap_field)
+    correct_field = source_field = None
+    if config.get("correct_field") and label_field in (
+        None, config.get("label_field"), config.get("gt_class_field")
+    ):
+        # judged by the run's class map: its stored classes and verdicts
+        correct_field, source_field = config["correct_field"], config.get("label_field")
+        label_field = config.get("gt_class_field")
     label_field = label_field or config.get("label_field") or measured.get("label_field")
     pred_field = pred_field or config.get("pred_field")
 
     def field(problem):
-        return AttentionField(heatmap_field, label_field, pred_field, problem)
+        return AttentionField(heatmap_field, label_field, pred_field, problem, correct_field, source_field)
 
     if heatmap_field not in schema:
         return field(f"'{heatmap_field}' is not a field of this dataset")
@@ -145,6 +168,8 @@ def describe_field(samples, heatmap_field, label_field=None, pred_field=None):
         )
     if pred_field not in schema:
         return field(f"the predictions field '{pred_field}' of '{heatmap_field}' no longer exists")
+    if correct_field is not None and correct_field not in schema:
+        return field(f"the field '{correct_field}' of '{heatmap_field}' no longer exists")
     return field(None)
 
 
@@ -170,10 +195,10 @@ def _fields(samples, heatmap_field, label_field, pred_field):
     field = describe_field(samples, heatmap_field, label_field, pred_field)
     if field.problem:
         raise ViewsError(field.problem[0].upper() + field.problem[1:])
-    return field.label_field, field.pred_field
+    return field
 
 
-def _expressions(heatmap_field, label_field, pred_field, t):
+def _expressions(heatmap_field, label_field, pred_field, t, correct_field=None):
     energy = F(metric_field(heatmap_field, "object_energy"))
     area = F(metric_field(heatmap_field, "object_area"))
     hit = F(metric_field(heatmap_field, "pointing_hit"))
@@ -182,8 +207,12 @@ def _expressions(heatmap_field, label_field, pred_field, t):
         "measured": (energy != None) & (area != None) & (area <= t.max_object_area),
         "background": energy < area + t.background_focus * (1 - area),
         "on_object": energy >= area + t.object_focus * (1 - area),
-        "wrong": F(f"{pred_field}.label") != F(f"{label_field}.label"),
-        "right": F(f"{pred_field}.label") == F(f"{label_field}.label"),
+        "wrong": (F(correct_field) == False)  # noqa: E712 (a query expression)
+        if correct_field
+        else F(f"{pred_field}.label") != F(f"{label_field}.label"),
+        "right": (F(correct_field) == True)  # noqa: E712
+        if correct_field
+        else F(f"{pred_field}.label") == F(f"{label_field}.label"),
         "confident": F(f"{pred_field}.confidence") >= t.confidence,
         "missed": hit == False,  # noqa: E712 (a query expression)
     }
@@ -192,15 +221,19 @@ def _expressions(heatmap_field, label_field, pred_field, t):
 def build_views(samples, heatmap_field="cam", label_field=None, pred_field=None, thresholds=None):
     """The attention views, unsaved: a dict from view name to view."""
     t = thresholds or Thresholds()
-    label_field, pred_field = _fields(samples, heatmap_field, label_field, pred_field)
-    e = _expressions(heatmap_field, label_field, pred_field, t)
+    field = _fields(samples, heatmap_field, label_field, pred_field)
+    label_field, pred_field = field.label_field, field.pred_field
+    e = _expressions(heatmap_field, label_field, pred_field, t, field.correct_field)
     base = samples.exists(label_field).exists(pred_field).match(e["measured"])
+    # needs no image class: with a class map, the samples whose labels map
+    # to nothing are measured against their boxes all the same
+    unjudged = samples.exists(pred_field).match(e["measured"]) if field.correct_field else base
     return {
         "misclassified_background": base.match(e["wrong"] & e["background"]),
         "misclassified_on_object": base.match(e["wrong"] & e["on_object"]),
         "correct_background": base.match(e["right"] & e["background"]),
         "qa_confident_disagreement": base.match(e["wrong"] & e["confident"] & e["on_object"]),
-        "qa_unlabelled_attention": base.match(e["confident"] & e["missed"] & e["background"]),
+        "qa_unlabelled_attention": unjudged.match(e["confident"] & e["missed"] & e["background"]),
     }
 
 
@@ -237,6 +270,48 @@ def attention_views(
     return views
 
 
+class ClassSummary(list):
+    """The per-class rows of :func:`class_summary` (a list of dicts, most
+    off-object class first), and the samples no row counts.
+
+    Attributes:
+        unmapped: samples with a prediction whose ground-truth labels map to
+            nothing under the run's class map (or that have no object), so
+            they are judged in no class; 0 for runs without a class map
+        unmapped_labels: per label of the run's ground truth, how many of
+            those samples carry it (e.g. ``{"person": 61}``): what a larger
+            class map could cover
+    """
+
+    def __init__(self, rows=(), unmapped=0, unmapped_labels=None):
+        super().__init__(rows)
+        self.unmapped = unmapped
+        self.unmapped_labels = dict(unmapped_labels or {})
+
+
+def _unmapped(samples, field):
+    """The samples with a prediction but no image class, and the labels of
+    the ground truth they were read from."""
+    from collections import Counter
+
+    if field.correct_field is None:
+        return 0, {}
+    unjudged = samples.exists(field.pred_field).exists(field.label_field, False)
+    labels = Counter()
+    source = samples.get_field(field.source_field) if field.source_field else None
+    if isinstance(source, fo.EmbeddedDocumentField):
+        doc_type = source.document_type
+        path = field.source_field + (
+            ".detections.label" if issubclass(doc_type, fo.Detections)
+            else ".polylines.label" if issubclass(doc_type, fo.Polylines)
+            else ".label"
+        )
+        for value in unjudged.values(path):
+            names = value if isinstance(value, list) else [value]
+            labels.update({n for n in names if n is not None})
+    return unjudged.count(), dict(labels.most_common())
+
+
 def class_summary(samples, heatmap_field="cam", label_field=None, pred_field=None, thresholds=None):
     """Per ground-truth class: how often and how strongly attention falls off
     the object, ranked with the most off-object class first.
@@ -251,24 +326,29 @@ def class_summary(samples, heatmap_field="cam", label_field=None, pred_field=Non
         ``off_object`` (count), ``off_object_share``, ``off_object_low`` and
         ``off_object_high`` (its 95% interval), ``enough_samples``,
         ``mean_focus``, ``mean_object_energy``, ``accuracy`` and
-        ``misclassified_background`` (count)
+        ``misclassified_background`` (count), as a :class:`ClassSummary`
+        whose ``unmapped`` counts the samples a class map judged in no
+        class
     """
     t = thresholds or Thresholds()
-    label_field, pred_field = _fields(samples, heatmap_field, label_field, pred_field)
-    e = _expressions(heatmap_field, label_field, pred_field, t)
+    field = _fields(samples, heatmap_field, label_field, pred_field)
+    label_field, pred_field, correct_field = field.label_field, field.pred_field, field.correct_field
+    e = _expressions(heatmap_field, label_field, pred_field, t, correct_field)
     measured = samples.exists(label_field).exists(pred_field).match(e["measured"])
-    gt, pred, energy, area = measured.values(
+    gt, pred, energy, area, *verdicts = measured.values(
         [
             f"{label_field}.label",
             f"{pred_field}.label",
             metric_field(heatmap_field, "object_energy"),
             metric_field(heatmap_field, "object_area"),
         ]
+        + ([correct_field] if correct_field else [])
     )
+    right = verdicts[0] if correct_field else [p == g for p, g in zip(pred, gt)]
 
     by_class = defaultdict(list)
-    for g, p, en, ar in zip(gt, pred, energy, area):
-        by_class[g].append((p == g, en, ar))
+    for g, r, en, ar in zip(gt, right, energy, area):
+        by_class[g].append((bool(r), en, ar))
 
     rows = []
     for name, items in by_class.items():
@@ -303,15 +383,16 @@ def class_summary(samples, heatmap_field="cam", label_field=None, pred_field=Non
             r["class"],
         )
     )
-    return rows
+    return ClassSummary(rows, *_unmapped(samples, field))
 
 
 def class_view(samples, heatmap_field, label_field, pred_field, class_name, thresholds=None):
     """The samples of one ground-truth class whose attention is off the
     object (what a bar of the summary plot opens)."""
     t = thresholds or Thresholds()
-    label_field, pred_field = _fields(samples, heatmap_field, label_field, pred_field)
-    e = _expressions(heatmap_field, label_field, pred_field, t)
+    field = _fields(samples, heatmap_field, label_field, pred_field)
+    label_field, pred_field = field.label_field, field.pred_field
+    e = _expressions(heatmap_field, label_field, pred_field, t, field.correct_field)
     return (
         samples.match(F(f"{label_field}.label") == class_name)
         .exists(pred_field)

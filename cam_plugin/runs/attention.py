@@ -114,11 +114,16 @@ class AttentionRunType(RunType):
             raise AttentionError(f"'{gt_heatmap_field}' is not an fo.Heatmap field")
         self.gt_heatmap_field = gt_heatmap_field
 
-        if label_field is None:
-            label_field = cam_config.get("label_field")
+        if label_field is None or label_field == cam_config.get("label_field"):
+            # a run judging by a class map or by objects stores each image's
+            # class in a field of its own: the objects of that class are
+            # the region
+            label_field = cam_config.get("gt_class_field") or cam_config.get("label_field")
         if label_field is not None and _embedded_type(samples, label_field) is not fo.Classification:
             raise AttentionError(
-                f"label_field '{label_field}' must be an fo.Classification field"
+                f"label_field '{label_field}' must be an fo.Classification field (the "
+                "image's class); to use objects as ground truth, pass them to "
+                "compute_cams(label_field=...), whose run stores each image's class"
             )
         self.label_field = label_field
 

@@ -12,8 +12,9 @@ import torch
 import fiftyone as fo
 
 from .. import appearance
-from ..batches import compute_batch
+from ..batches import best_candidate, compute_batch
 from ..cams import CamError, CamExtractor
+from ..class_map import LABEL_RULES, ClassMap, ClassMapError, image_class, object_area
 from ..engine import BatchRunner, ErrorKind, SampleError, image_loader, run_loader
 from ..heatmaps import HEATMAP_RANGE
 from ..models import ClassNamesWarning, classes_source, input_shape_of, load_classifier
@@ -124,6 +125,8 @@ class CamRunType(RunType):
         chunk_size=None,
         trust_checkpoint=False,
         store_logits=False,
+        class_map=None,
+        label_rule=None,
     ):
         samples = check_collection(samples)
         self.samples = samples
@@ -149,20 +152,33 @@ class CamRunType(RunType):
             num_workers if num_workers is not None else min(8, max(1, (os.cpu_count() or 2) // 2))
         )
 
-        self._check_label_field()
+        self._check_label_field(class_map, label_rule)
         self.targets = parse_targets(
             targets, heatmap_field, self.classifier.classes, label_field is not None
         )
+        if self.mapped:
+            for t in self.targets:
+                if t.name == "gt":
+                    # the member of the class's set the model scores highest
+                    t.pick = best_candidate
         self.file_targets = tuple(t.name for t in self.targets)
 
         self._fields = {pred_field: (fo.EmbeddedDocumentField, fo.Classification)}
         for t in self.targets:
             self._fields[t.field] = (fo.EmbeddedDocumentField, fo.Heatmap)
         self._fields[self.error_field] = (fo.StringField, None)
-        if len(self._fields) < 2 + len(self.targets):
+        derived = {}
+        if self.mapped:
+            derived = {
+                self.gt_class_field: (fo.EmbeddedDocumentField, fo.Classification),
+                self.correct_field: (fo.BooleanField, None),
+            }
+            self._fields.update(derived)
+        if len(self._fields) < 2 + len(self.targets) + len(derived):
             raise CamError(
-                f"pred_field '{pred_field}' and the heatmap fields "
-                f"({', '.join(t.field for t in self.targets)}) must all differ"
+                f"pred_field '{pred_field}' and the fields of the run "
+                f"({', '.join(t.field for t in self.targets)}"
+                f"{''.join(', ' + f for f in derived)}) must all differ"
             )
         records.check_fields(samples, self.key, self._fields)
 
@@ -222,9 +238,18 @@ class CamRunType(RunType):
         self.warnings.append(message)
         warnings.warn(message, ClassNamesWarning)
 
-    def _check_label_field(self):
+    def _check_label_field(self, class_map=None, label_rule=None):
+        # ``mapped``: the image's class is not a Classification label that
+        # is itself a model class, so the run stores the class it judged by
+        # (``<heatmap_field>_gt_class``) and the verdict (``_correct``)
+        self.mapped = False
+        self.class_map = None
+        self.label_rule = None
+        self._label_type = None
         if self.label_field is None:
             self._gt_index = None
+            if class_map is not None:
+                raise CamError("class_map maps ground-truth labels: pass label_field too")
             return
 
         field = self.samples.get_field(self.label_field)
@@ -233,17 +258,16 @@ class CamRunType(RunType):
                 f"label_field '{self.label_field}' does not exist on dataset "
                 f"'{self.dataset.name}'"
             )
-        if not (
-            isinstance(field, fo.EmbeddedDocumentField)
-            and issubclass(field.document_type, fo.Classification)
-        ):
+        doc_type = field.document_type if isinstance(field, fo.EmbeddedDocumentField) else None
+        if doc_type is None or not issubclass(doc_type, LABEL_TYPES):
             raise CamError(
-                f"label_field '{self.label_field}' must hold fo.Classification "
-                f"labels (the ground-truth class of each image)"
+                f"label_field '{self.label_field}' must hold fo.Classification labels (the "
+                "ground-truth class of each image), or fo.Detections / fo.Polylines (the "
+                "image's class is then its largest object's, see label_rule)"
             )
+        self._label_type = next(t for t in LABEL_TYPES if issubclass(doc_type, t))
 
         classes = self.classifier.classes
-        labels = [x for x in self.samples.distinct(f"{self.label_field}.label") if x is not None]
         if classes is None:
             raise CamError(
                 "The model's class names are unknown, so ground-truth labels "
@@ -251,21 +275,124 @@ class CamRunType(RunType):
                 "output order"
             )
 
+        objects = self._label_type is not fo.Classification
+        if label_rule is not None and label_rule not in LABEL_RULES:
+            if label_rule == "all":
+                raise CamError(
+                    "label_rule='all' (every object's class as a multi-label target) is not "
+                    "supported yet; use label_rule='largest' (the image's class is its "
+                    "largest object's among those the class map covers)"
+                )
+            raise CamError(f"Unknown label_rule {label_rule!r}: use 'largest'")
+
+        if not objects and class_map is None:
+            self._check_classification_labels(classes)
+            return
+
+        self.mapped = True
+        self.label_rule = "largest" if objects else None
+        self.gt_class_field = f"{self.heatmap_field}_gt_class"
+        self.correct_field = f"{self.heatmap_field}_correct"
+        try:
+            if class_map is None:
+                self._map = ClassMap.identity(classes)
+            else:
+                self.class_map = ClassMap.load(class_map)
+                self.class_map.check(classes)
+                self._map = self.class_map
+        except ClassMapError as e:
+            raise CamError(str(e)) from e
+
+        # every output index of each dataset class's model classes
+        indices = {}
+        for i, c in enumerate(classes):
+            indices.setdefault(c, []).append(i)
+        self._candidates = {
+            name: tuple(sorted(i for m in members for i in indices[m]))
+            for name, members in self._map.sets.items()
+        }
+        self._warn_unmapped()
+
+    def _check_classification_labels(self, classes):
+        # an fo.Classification field without a class map: its labels must be
+        # the model's class names, as before class maps existed
+        labels = [x for x in self.samples.distinct(f"{self.label_field}.label") if x is not None]
         missing = sorted(set(labels) - set(classes))
         if missing:
             raise CamError(
                 f"{len(missing)} ground-truth label(s) in '{self.label_field}' "
                 f"are not among the model's {len(classes)} classes: "
                 f"{', '.join(missing[:20])}{' ...' if len(missing) > 20 else ''}. "
-                "Pass classes=[...] matching the model's outputs, or drop "
-                "label_field"
+                "Pass classes=[...] matching the model's outputs, a class_map from "
+                "these labels to the model's classes, or drop label_field"
             )
 
         self._gt_index = {c: i for i, c in enumerate(classes)}
 
+    def _label_paths(self):
+        if self._label_type is fo.Detections:
+            base = f"{self.label_field}.detections"
+            return [f"{base}.label", f"{base}.bounding_box"]
+        if self._label_type is fo.Polylines:
+            base = f"{self.label_field}.polylines"
+            return [f"{base}.label", f"{base}.points", f"{base}.closed", f"{base}.filled"]
+        return [f"{self.label_field}.label"]
+
+    def _image_class(self, values):
+        """The class a sample is judged by, from its values of
+        :meth:`_label_paths`; None when its labels map to nothing."""
+        if self._label_type is fo.Classification:
+            (label,) = values
+            return label if label in self._map else None
+        if self._label_type is fo.Detections:
+            labels, boxes = (v or [] for v in values)
+            areas = [object_area(bounding_box=b) if b is not None else None for b in boxes]
+        else:
+            labels, points, closed, filled = (v or [] for v in values)
+            areas = [object_area(points=p, closed=c, filled=f) for p, c, f in zip(points, closed, filled)]
+        return image_class(labels, areas, self._map, self.label_rule)
+
+    def _warn_unmapped(self):
+        """Says, when the run starts, how many samples have labels that map
+        to nothing: they are computed (prediction and predicted-class map)
+        but cannot be judged right or wrong, and are counted, not dropped."""
+        from fiftyone import ViewField as F
+
+        covered = sorted(self._map.sets)
+        if self._label_type is fo.Classification:
+            path = f"{self.label_field}.label"
+            judged = F(path).is_in(covered)
+        else:
+            attr = "detections" if self._label_type is fo.Detections else "polylines"
+            path = f"{self.label_field}.{attr}.label"
+            kept = F("label").is_in(covered)
+            if attr == "polylines":
+                kept = kept & ((F("closed") == True) | (F("filled") == True))  # noqa: E712
+            judged = F(f"{self.label_field}.{attr}").filter(kept).length() > 0
+        unjudged = self.samples.match(~judged)
+        unmapped = unjudged.count()
+        if not unmapped:
+            return
+        total = self.samples.count()
+        # the labels of those samples, most frequent first: what a larger
+        # map would have to cover
+        counts = unjudged.count_values(path)
+        outside = sorted((x for x in counts if x is not None), key=lambda x: (-counts[x], x))
+        names = f"{', '.join(outside[:10])}{' ...' if len(outside) > 10 else ''}"
+        by = "that the class map covers" if self.class_map is not None else "that is a model class"
+        message = (
+            f"{unmapped} of {total} samples have no ground-truth label {by}"
+            + (f" (their labels: {names})" if outside else "")
+            + f"; they get predictions and predicted-class maps, but no ground-truth map "
+            f"and no right/wrong judgement ('{self.correct_field}' is empty), and "
+            f"class_summary counts them as unmapped"
+        )
+        self.warnings.append(message)
+        warnings.warn(message, UnmappedLabelsWarning)
+
     def config(self):
         clf = self.classifier
-        return {
+        config = {
             "cam_method": self.extractor.method.name,
             "layer": self.extractor.layer,
             "model": clf.name,
@@ -280,6 +407,15 @@ class CamRunType(RunType):
             "heatmap_size": self.heatmap_size,
             "store_logits": self.store_logits,
         }
+        if self.mapped:
+            # the rule the views and the summary judge these samples by
+            config.update(
+                class_map=self.class_map.to_record() if self.class_map is not None else None,
+                label_rule=self.label_rule,
+                gt_class_field=self.gt_class_field,
+                correct_field=self.correct_field,
+            )
+        return config
 
     def fields(self):
         return dict(self._fields)
@@ -287,13 +423,17 @@ class CamRunType(RunType):
     def outputs(self, ids, files):
         if not ids:
             return
-        fields = ["filepath"] + ([f"{self.label_field}.label"] if self.label_field else [])
-        rows = values_by_id(self.samples, ids, fields)
+        label_paths = self._label_paths() if self.label_field else []
+        rows = values_by_id(self.samples, ids, ["filepath"] + label_paths)
         # samples deleted since the ids were read are simply gone
         ids = [i for i in ids if i in rows]
         paths = [rows[i][0] for i in ids]
         gt = [-1] * len(ids)
-        if self.label_field:
+        image_classes = {}
+        if self.mapped:
+            image_classes = {i: self._image_class(rows[i][1:]) for i in ids}
+            gt = [self._candidates.get(image_classes[i], ()) for i in ids]
+        elif self.label_field:
             gt = [self._gt_index.get(rows[i][1], -1) for i in ids]
 
         loader = image_loader(
@@ -325,7 +465,10 @@ class CamRunType(RunType):
                     batch.append(self.failure(sample_id, result))
                     continue
                 succeeded += 1
-                batch.append(self._output(sample_id, result, names, files))
+                output = self._output(sample_id, result, names, files)
+                if self.mapped:
+                    self._judge(output, image_classes[sample_id], result, names)
+                batch.append(output)
             yield batch
             if not succeeded:
                 _check_all_failing(failures)
@@ -353,6 +496,15 @@ class CamRunType(RunType):
             )
         return SampleOutput(sample_id, values, out_files)
 
+    def _judge(self, output, image_class, result, names):
+        # unmapped samples get both fields empty: counted, not judged
+        values = output.values
+        values[self.gt_class_field] = None
+        values[self.correct_field] = None
+        if image_class is not None:
+            values[self.gt_class_field] = fo.Classification(label=image_class)
+            values[self.correct_field] = bool(self._map.is_correct(image_class, names[result.pred]))
+
     def finish(self, dataset):
         from ..scale import apply_run_scales
 
@@ -364,6 +516,15 @@ class CamRunType(RunType):
 
     def close(self):
         self.classifier.module.to(self._restore_device)
+
+
+#: the ground-truth label types; the last two give an image the class of
+#: its largest object (cam_plugin.class_map)
+LABEL_TYPES = (fo.Classification, fo.Detections, fo.Polylines)
+
+
+class UnmappedLabelsWarning(UserWarning):
+    """Samples whose ground-truth labels map to no model class."""
 
 
 def _check_all_failing(failures):

@@ -64,6 +64,10 @@ def queue(run_cls, operator, samples, model_or_args, params, options):
         if isinstance(params.get("classes"), (str, os.PathLike)):
             # "imagenet" or a file, resolved here: the names travel as a list
             op_params["classes"] = list(run_type.classifier.classes)
+        if params.get("class_map") is not None:
+            # a dict, a ClassMap or a file, resolved here: the map travels
+            # as the run records it
+            op_params["class_map"] = run_type.class_map.to_record()
     else:
         run_type = run_cls(samples, *model_or_args, **params)
         op_params = dict(params, heatmap_field=model_or_args[0], region_field=model_or_args[1])
