@@ -156,7 +156,10 @@ def compute_cams(
             ``TorchImageModel`` (its network, transforms and classes, as
             ``apply_model`` uses them) or a FiftyOne zoo name
             ``"zoo:<name>"`` (e.g. ``"zoo:resnet50-imagenet-torch"``,
-            downloaded on first use as the zoo does)
+            downloaded on first use as the zoo does), a Hugging Face image
+            classifier (alone or as ``(model, image processor)``) or
+            ``"hf:<repo id>"``, a timm model or ``"timm:<name>"`` (see
+            :mod:`cam_plugin.models` for every form)
         label_field (None): the ground-truth labels, which add the
             ground-truth-class maps: an ``fo.Classification`` field, or an
             ``fo.Detections`` / ``fo.Polylines`` field, whose image class is
@@ -640,7 +643,7 @@ def layer_candidates(model, transforms=None, trust_checkpoint=False):
     clf = load_classifier(model, transforms=transforms, trust_checkpoint=trust_checkpoint)
     candidates = probe_layers(clf.module, input_shape_of(clf.transforms))
     names = [c.name for c in reversed(candidates) if c.usable]
-    return names, default_layer(candidates)
+    return names, clf.target_layer or default_layer(candidates)
 
 
 def model_layers(spec):

@@ -160,6 +160,14 @@ def _apply_known(transform, affine):
         _center_crop(affine, transform.size)
         return True
 
+    # a crop that states its own box, of the image it is given, as
+    # (left, top, width, height); outside the image it pads
+    crop_box = getattr(transform, "crop_box", None)
+    if callable(crop_box):
+        left, top, new_w, new_h = crop_box(int(round(affine.w)), int(round(affine.h)))
+        affine.shift(left, top, new_w, new_h)
+        return True
+
     return False
 
 

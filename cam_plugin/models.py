@@ -19,6 +19,15 @@ Accepted forms:
     name ``"zoo:<name>"`` (``"zoo:resnet50-imagenet-torch"``; downloaded
     as the zoo does; ``"zoo:<name>:none"``: random weights, nothing
     downloaded), see :mod:`cam_plugin.fiftyone_models`
+-   a Hugging Face Transformers image classifier
+    (``AutoModelForImageClassification``), alone or with its image
+    processor as ``(model, processor)`` (or ``transforms=processor``), or
+    ``"hf:<repo id or directory>"``, which loads both with
+    ``from_pretrained`` (downloaded on first use; ``"hf:<repo id>:none"``:
+    random weights from its cached config), see :mod:`cam_plugin.hf_models`
+-   a timm model, or ``"timm:<name>"`` (``timm.create_model(name,
+    pretrained=True)``, downloaded on first use; ``"timm:<name>:none"``:
+    random weights, nothing downloaded), see :mod:`cam_plugin.timm_models`
 -   ``"<architecture>:<checkpoint path>"``: a torchvision architecture or
     ``cifar10_resnet20`` with a state-dict checkpoint (the number of classes
     is read from the checkpoint); ``"cifar10_resnet20:none"`` is that
@@ -68,6 +77,12 @@ class ClassNamesWarning(UserWarning):
 
 #: the prefix of a FiftyOne model zoo name: ``"zoo:resnet50-imagenet-torch"``
 ZOO_PREFIX = "zoo:"
+
+#: the prefix of a Hugging Face Hub id: ``"hf:google/vit-base-patch16-224"``
+HF_PREFIX = "hf:"
+
+#: the prefix of a timm model name: ``"timm:resnet50.a1_in1k"``
+TIMM_PREFIX = "timm:"
 
 #: the ``classes`` keyword naming the ImageNet-1k classes
 IMAGENET = "imagenet"
@@ -157,6 +172,10 @@ class Classifier:
         classes: the class names indexed by model output, or None
         name: a short description of where the model came from
         fingerprint: a hash of the weights, so re-runs can tell models apart
+        target_layer: the layer a run takes its maps from when it names
+            none, where the model's family knows better than the probe's
+            pick (the last block's ``norm1`` of a class-token ViT); None:
+            the probe's pick (:func:`cam_plugin.cams.default_layer`)
     """
 
     module: torch.nn.Module
@@ -164,6 +183,7 @@ class Classifier:
     classes: list = None
     name: str = ""
     fingerprint: str = field(default="", repr=False)
+    target_layer: str = None
 
 
 def imagenet_transforms(resize=256, crop=224):
@@ -230,8 +250,21 @@ def load_classifier(model, transforms=None, classes=None, trust_checkpoint=False
     """
     if isinstance(model, Classifier):
         clf = Classifier(
-            model.module, model.transforms, model.classes, model.name, model.fingerprint
+            model.module,
+            model.transforms,
+            model.classes,
+            model.name,
+            model.fingerprint,
+            model.target_layer,
         )
+    elif _is_hf_model(model) or _is_hf_pair(model):
+        from .hf_models import classifier_from_hf
+
+        clf = classifier_from_hf(*model) if isinstance(model, tuple) else classifier_from_hf(model)
+    elif _is_timm_model(model):
+        from .timm_models import classifier_from_timm
+
+        clf = classifier_from_timm(model)
     elif _is_fiftyone_model(model):
         from .fiftyone_models import classifier_from_fiftyone
 
@@ -251,9 +284,15 @@ def load_classifier(model, transforms=None, classes=None, trust_checkpoint=False
         raise ModelError(
             f"Unsupported model of type {type(model).__name__}: pass a "
             "torch.nn.Module, a torchvision model name, a TorchScript or .pt2 "
-            "path, a FiftyOne TorchImageModel or 'zoo:<name>'"
+            "path, a FiftyOne TorchImageModel or 'zoo:<name>', a Hugging Face "
+            "image classifier (or '(model, processor)', or 'hf:<repo id>'), a "
+            "timm model or 'timm:<name>'"
         )
 
+    if transforms is not None and _is_hf_processor(transforms):
+        from .hf_models import processor_transforms
+
+        transforms = processor_transforms(transforms)
     if transforms is not None:
         clf.transforms = transforms
     if clf.transforms is None:
@@ -281,7 +320,10 @@ def layer_probe_spec(spec):
     loaded only once it is checked to hold no code (see
     :mod:`cam_plugin.cams.exported`); a zoo name ``"zoo:<name>"`` becomes
     ``"zoo:<name>:none"``, its network with random weights (nothing is
-    downloaded).
+    downloaded); so does ``"timm:<name>"``; ``"hf:<repo id>"`` becomes
+    ``"hf:<repo id>:none"``, built from its config if that is cached (or
+    the id is a local directory): nothing is downloaded, and an id never
+    loaded before is refused with a ModelError saying so.
 
     Returns:
         a tuple ``(probe spec, the file it loads or None)``
@@ -306,6 +348,16 @@ def layer_probe_spec(spec):
         from .fiftyone_models import zoo_probe_spec
 
         return zoo_probe_spec(spec), None
+
+    if spec.startswith(HF_PREFIX):
+        from .hf_models import hf_probe_spec
+
+        return hf_probe_spec(spec), None
+
+    if spec.startswith(TIMM_PREFIX):
+        from .timm_models import timm_probe_spec
+
+        return timm_probe_spec(spec), None
 
     arch, arg, path = _split_spec(spec)
     if path is None:
@@ -347,6 +399,16 @@ def _load_from_string(spec, trust_checkpoint):
         from .fiftyone_models import load_zoo_classifier
 
         return load_zoo_classifier(spec)
+
+    if spec.startswith(HF_PREFIX):
+        from .hf_models import load_hf_classifier
+
+        return load_hf_classifier(spec)
+
+    if spec.startswith(TIMM_PREFIX):
+        from .timm_models import load_timm_classifier
+
+        return load_timm_classifier(spec)
 
     arch, arg, path = _split_spec(spec)
     if path is not None:
@@ -539,6 +601,38 @@ def _exported_classifier(program_or_module, source):
         except ExportedProgramError as e:
             raise ModelError(str(e)) from None
     return Classifier(module, default_transforms(module), None, f"exported:{source}")
+
+
+def _is_hf_model(model):
+    # without importing transformers: a model of it was built by it
+    import sys
+
+    transformers = sys.modules.get("transformers")
+    return transformers is not None and isinstance(model, transformers.PreTrainedModel)
+
+
+def _is_hf_pair(model):
+    return isinstance(model, tuple) and len(model) == 2 and _is_hf_model(model[0])
+
+
+def _is_hf_processor(obj):
+    import sys
+
+    transformers = sys.modules.get("transformers")
+    return transformers is not None and isinstance(obj, transformers.ImageProcessingMixin)
+
+
+def _is_timm_model(model):
+    # timm's models are plain modules: one whose class timm defines, with
+    # the pretrained config timm's builder gives every model
+    import sys
+
+    return (
+        "timm" in sys.modules
+        and isinstance(model, torch.nn.Module)
+        and isinstance(getattr(model, "pretrained_cfg", None), dict)
+        and any(c.__module__.startswith("timm.") for c in type(model).__mro__)
+    )
 
 
 def _is_fiftyone_model(model):

@@ -138,6 +138,12 @@ def probe_model(model, input_shape, device=None):
         out = outputs.get(name)
         if out is None or not rec.shape:
             continue
+        # a module run again on another shape (one Dropout shared by a
+        # block's attention windows and its tokens, in Hugging Face Swin)
+        # has no one layout; a leading dimension other than the batch
+        # (windows of a window attention, flattened into it) is no map
+        if tuple(out.shape) != rec.shape or rec.shape[0] != x.shape[0]:
+            continue
 
         rec.layout = infer_layout(rec.shape, input_hw)
         if rec.layout is None or out.grad is None:

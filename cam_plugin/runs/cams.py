@@ -192,7 +192,8 @@ class CamRunType(RunType):
                 module,
                 method,
                 self.input_shape,
-                layer=target_layer,
+                # the model's family may know its layer better than the probe
+                layer=target_layer or self.classifier.target_layer,
                 chunk_size=chunk_size or (256 if self.device.type == "cuda" else 64),
                 autocast=mixed_precision,
             )

@@ -54,7 +54,9 @@ def queue(run_cls, operator, samples, model_or_args, params, options):
             raise RunError(
                 f"A model given as an in-memory {type(model).__name__} cannot be "
                 "delegated: workers load it again by name or path. Pass a "
-                "torchvision name, a TorchScript file or '<architecture>:<checkpoint>'"
+                "torchvision name, a TorchScript or .pt2 file, "
+                "'<architecture>:<checkpoint>', 'zoo:<name>', a Hugging Face "
+                "'hf:<repo id>' or a 'timm:<name>'"
             )
         run_type = run_cls(samples, model, **params)
         # the run's resolved targets, in the library's terms: the operator's
