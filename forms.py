@@ -752,6 +752,19 @@ def summary_note(rows, heatmap_field, ran_on, min_samples=None):
         f"labelled object (focus below the threshold), with its count and 95% interval; "
         f"classes are ranked by the interval's lower end, and grey bars (fewer than "
         f"{min_samples} samples) are ranked last. Click a bar to see those samples."
+        + _unmapped_note(rows)
+    )
+
+
+def _unmapped_note(rows):
+    # a run judging by a class map: the samples it could judge in no class
+    unmapped = getattr(rows, "unmapped", 0)
+    if not unmapped:
+        return ""
+    labels = ", ".join(f"{k} {v}" for k, v in list(getattr(rows, "unmapped_labels", {}).items())[:5])
+    return (
+        f" {unmapped} sample{'s' if unmapped != 1 else ''} whose labels the class map does not "
+        f"cover are in no class" + (f" (their labels: {labels})." if labels else ".")
     )
 
 

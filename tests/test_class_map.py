@@ -260,6 +260,20 @@ def test_a_coarse_class_map_judges_by_the_set_and_explains_its_best_member(cifar
         members = dataset.match(fo.ViewField("cam_gt_class.label") == row["class"])
         assert row["accuracy"] == pytest.approx(np.mean(members.values("cam_correct")))
 
+    import forms
+
+    note = forms.summary_note(rows, "cam", "the whole dataset (20 samples)")
+    assert "4 samples whose labels the class map does not cover are in no class (their labels: boat 4)" in note
+
+    # an fo.Classification field in the dataset's vocabulary: the same rule
+    dataset.set_values("kind", [fo.Classification(label=kind.get(label, "boat"))
+                                for label in dataset.values("ground_truth.label")])
+    cam_plugin.compute_cams(dataset, model, label_field="kind", class_map=coarse, heatmap_field="kind_cam",
+                            pred_field="kind_prediction", targets=["pred"], batch_size=10, device="cpu",
+                            heatmap_size=32)
+    assert dataset.values("kind_cam_correct") == dataset.values("cam_correct")
+    assert dataset.values("kind_cam_gt_class.label") == dataset.values("cam_gt_class.label")
+
 
 def test_the_form_reads_and_checks_a_class_map_file(cifar_with_objects, resnet20_path, tmp_path):
     import asyncio
