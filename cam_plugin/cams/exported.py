@@ -7,9 +7,13 @@ archive can get code run by several routes (weights or constants flagged
 ``use_pickle``, opaque objects, a sample-inputs blob that fails the
 weights-only unpickler and is retried without it, operator names resolved
 by ``getattr`` from the ``torch`` module, shape expressions parsed by
-``sympy.sympify``, which evaluates Python, guard code, and AOTInductor
-packages, which load a shared library). :func:`check_archive` therefore
-reads the archive as data first and refuses anything outside what a
+``sympy.sympify``, which evaluates Python, guard code, AOTInductor
+packages, which load a shared library, input/output tree specs whose
+enum keys and ``defaultdict`` factories are imported by module name,
+zip entries that torch's reader finds under another name than Python's,
+and ``aten`` operators that open a file the graph names).
+:func:`check_archive` therefore reads the archive as data first (through
+torch's own zip reader) and refuses anything outside what a
 plain ``torch.export.save`` of an ordinary network writes: tensors stored
 raw, ``torch.ops.aten`` operators and a few ``operator``/``math``
 functions, shape expressions made of symbols, numbers and sympy's
@@ -40,6 +44,10 @@ _OPERATOR_FUNCTIONS = {
     "eq", "ne", "lt", "le", "gt", "ge", "and_", "or_", "not_", "abs", "pos",
 }
 _MATH_FUNCTIONS = {"ceil", "floor", "sqrt", "trunc", "exp", "log", "pow", "fabs"}
+# aten operators that open a file named by their argument: from_file with
+# shared=True maps it writable (and creates it), so a graph of them writes
+# any bytes to any path (a .pth file, a shell profile) when it runs
+_FILE_OPERATORS = {"from_file", "save"}
 _ATEN_TARGET = re.compile(r"torch\.ops\.aten\.[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?")
 _SYM_TARGET = re.compile(r"torch\.(sym_(max|min|float|int|not|ite|sum|sqrt)|_sym_sqrt)")
 
@@ -64,6 +72,17 @@ _SYMBOL_NAME = re.compile(r"[a-z]{1,6}\d+")
 _QUOTED_SYMBOL = re.compile(r"'[a-z]{1,6}\d+'|\"[a-z]{1,6}\d+\"")
 _EXPRESSION_CHARS = re.compile(r"[A-Za-z0-9_+\-*/%(),.<>=!&|~ ]*")
 _IDENTIFIER = re.compile(r"(?<![\w])[A-Za-z_][A-Za-z0-9_]*")
+
+# the pytree node types whose tree specs torch rebuilds without importing
+# anything: their context is plain JSON (or, for namedtuple, a name looked
+# up among registered types). A defaultdict's context names a module that
+# torch imports for its default factory.
+_TREESPEC_TYPES = {
+    None, "builtins.tuple", "builtins.list", "builtins.dict",
+    "collections.OrderedDict", "collections.namedtuple", "collections.deque",
+    "torch.fx.immutable_collections.immutable_list",
+    "torch.fx.immutable_collections.immutable_dict", "torch.Size",
+}
 
 # the files a plain torch.export.save writes, below the archive's root
 _ALLOWED = re.compile(
@@ -119,14 +138,49 @@ def check_archive(path):
         )
 
     try:
+        with open(path, "rb") as f:
+            head = f.read(4)
         z = zipfile.ZipFile(path)
     except (OSError, zipfile.BadZipFile) as e:
         raise ExportedProgramError(f"Cannot read {path} as a .pt2 archive: {e}") from None
 
     with z:
+        # torch.export.save starts the file with its first entry; data before
+        # it lets the file be something else too (an ELF shared library that
+        # a crafted archive gets loaded by its own path)
+        if head != b"PK\x03\x04":
+            refuse("it has data before its first zip entry, which torch.export.save never writes")
         root, names = _split_root(z.namelist())
         if root is None:
             refuse("its files are not under one root folder, as torch.export.save writes them")
+
+        # torch.export.load reads the archive with its own zip reader (miniz,
+        # torch._C.PyTorchFileReader), which finds an entry by name ignoring
+        # case, and which lists a name only up to a NUL byte, as Python's
+        # zipfile does, but looks it up whole: with two such names this
+        # check would read one entry and torch another.
+        # So entries must be listed alike by both readers and be unique
+        # ignoring case, and everything checked is read through torch's
+        # reader, byte for byte what torch.export.load reads.
+        try:
+            reader = torch._C.PyTorchFileReader(str(path))
+            records = reader.get_all_records()
+        except Exception as e:  # noqa: BLE001
+            raise ExportedProgramError(f"Cannot read {path} as a .pt2 archive: {e}") from None
+        listed = sorted(n[len(root) :] for n in z.namelist())
+        if sorted(records) != listed:
+            refuse("torch's zip reader lists other entries than Python's")
+        lowered = [n.lower() for n in listed]
+        if len(set(lowered)) != len(lowered):
+            twice = sorted({n for n in listed if lowered.count(n.lower()) > 1})
+            refuse(
+                f"it holds entries whose names are equal or differ only in case ({', '.join(twice)}), "
+                "and torch reads another of them than the one checked"
+            )
+
+        def read(name):
+            return reader.get_record(name)
+
         for name in sorted(names):
             if name.startswith("data/aotinductor/") or name.endswith((".so", ".dll", ".dylib")):
                 refuse(f"it holds compiled code ({name}), which loading would run")
@@ -139,8 +193,8 @@ def check_archive(path):
 
         def read_json(name):
             try:
-                return json.loads(z.read(root + name).decode("utf-8"))
-            except (KeyError, UnicodeDecodeError, json.JSONDecodeError) as e:
+                return json.loads(read(name).decode("utf-8"))
+            except (RuntimeError, UnicodeDecodeError, json.JSONDecodeError) as e:
                 raise ExportedProgramError(f"{path}: cannot read {name} ({e})") from None
 
         for model in models:
@@ -164,7 +218,7 @@ def check_archive(path):
             sample = f"data/sample_inputs/{model}.pt"
             if sample in names:
                 try:
-                    torch.load(io.BytesIO(z.read(root + sample)), weights_only=True)
+                    torch.load(io.BytesIO(read(sample)), weights_only=True)
                 except Exception as e:  # noqa: BLE001
                     refuse(
                         f"its sample inputs are not plain tensors ({type(e).__name__}), and "
@@ -196,6 +250,9 @@ def _check_program(program, refuse):
             expr = value.get("expr_str")
             if expr is not None:
                 _check_expression(str(expr), refuse)
+            for key in ("in_spec", "out_spec"):
+                if key in value:
+                    _check_treespec(value[key], refuse)
             for item in value.values():
                 walk(item)
         elif isinstance(value, list):
@@ -206,7 +263,24 @@ def _check_program(program, refuse):
 
 
 def _check_target(target, refuse):
-    if _ATEN_TARGET.fullmatch(target) or _SYM_TARGET.fullmatch(target):
+    if _ATEN_TARGET.fullmatch(target):
+        # torch resolves the name by getattr from torch.ops.aten, where the
+        # pattern also admits attributes that are no operator
+        # (torch.ops.aten.__class__.__class__ is ``type``): the name must be
+        # an aten operator and overload, and none that opens a file
+        _, _, _, name, *overload = target.split(".")
+        try:
+            packet = getattr(torch.ops.aten, name)
+        except Exception:  # noqa: BLE001
+            packet = None
+        if name in _FILE_OPERATORS:
+            refuse(f"its graph calls {target!r}, which opens a file the graph names (and can write it)")
+        if isinstance(packet, torch._ops.OpOverloadPacket) and (
+            not overload or overload[0] in packet.overloads()
+        ):
+            return
+        refuse(f"its graph calls {target!r}, which is not an aten operator")
+    if _SYM_TARGET.fullmatch(target):
         return
     module, _, name = target.partition(".")
     if module == "_operator" and name in _OPERATOR_FUNCTIONS:
@@ -214,6 +288,46 @@ def _check_target(target, refuse):
     if module == "math" and name in _MATH_FUNCTIONS:
         return
     refuse(f"its graph calls {target!r}, which is not a standard tensor operator")
+
+
+def _check_treespec(text, refuse):
+    # torch.utils._pytree.treespec_loads parses each node's context with an
+    # object hook that imports the module of any {"__enum__": ..., "fqn":
+    # "module:attr"} and subscripts what it finds (ctypes.cdll[path] loads a
+    # shared library), and a defaultdict's context names a module to import
+    def visit(node):
+        if not isinstance(node, dict):
+            refuse("its input/output tree spec is malformed")
+        kind = node.get("type")
+        if not (kind is None or isinstance(kind, str)) or kind not in _TREESPEC_TYPES:
+            refuse(
+                f"its input/output tree spec holds a {kind!r} node, not a plain container "
+                "(for a defaultdict torch imports the module the file names)"
+            )
+        context = node.get("context")
+        if isinstance(context, str):
+            try:
+                context = json.loads(context)
+            except json.JSONDecodeError:
+                context = None  # a namedtuple's registered type name
+        if _has_enum(context):
+            refuse("its input/output tree spec holds an enum, whose module torch imports by the name in the file")
+        for child in node.get("children_spec") or []:
+            visit(child)
+
+    try:
+        _, spec = json.loads(text)
+    except (TypeError, ValueError):
+        refuse("its input/output tree spec is malformed")
+    visit(spec)
+
+
+def _has_enum(value):
+    if isinstance(value, dict):
+        return "__enum__" in value or any(_has_enum(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_has_enum(v) for v in value)
+    return False
 
 
 def _check_expression(expr, refuse):
