@@ -654,11 +654,15 @@ def is_exported_program_file(path):
 def is_torchscript_file(path):
     """Whether ``path`` is a TorchScript archive, from its zip listing alone
     (nothing in it is loaded)."""
-    if not zipfile.is_zipfile(path):
+    try:
+        if not zipfile.is_zipfile(path):
+            return False
+        with zipfile.ZipFile(path) as z:
+            return any(n.endswith("constants.pkl") or "/code/" in n for n in z.namelist())
+    except (OSError, zipfile.BadZipFile, UnicodeDecodeError):
+        # unreadable, or an entry name flagged UTF-8 that is not: not
+        # something torch.jit.load would open either
         return False
-
-    with zipfile.ZipFile(path) as z:
-        return any(n.endswith("constants.pkl") or "/code/" in n for n in z.namelist())
 
 
 def weights_fingerprint(module):

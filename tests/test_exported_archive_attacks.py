@@ -363,3 +363,20 @@ def test_a_transformer_passes(tmp_path):
     check_archive(path)
     clf = cam_plugin.load_classifier(path)
     assert "blocks.1.attn" in dict(clf.module.named_modules())
+
+
+def test_an_undecodable_entry_name_is_a_model_error(base, tmp_path):
+    # an entry flagged UTF-8 whose name is not: Python's zipfile raises
+    # UnicodeDecodeError on opening it, which must surface as a refusal
+    # that names the file, not as a crash
+    path = tmp_path / "undecodable.pt2"
+    _write(path, base + [("net/extra/" + "é" * 5, b"x")])
+    data = path.read_bytes()
+    assert data.count("é".encode() * 5) == 2  # local header and central directory
+    path.write_bytes(data.replace("é".encode() * 5, b"\xff\xfe" * 5))
+
+    assert not is_exported_program_file(path)
+    with pytest.raises(cam_plugin.ModelError, match="undecodable.pt2"):
+        cam_plugin.load_classifier(path)
+    with pytest.raises(cam_plugin.ModelError, match="undecodable.pt2"):
+        cam_plugin.model_layers(str(path))

@@ -106,7 +106,7 @@ def is_exported_program_file(path):
             if not any(n.startswith("models/") and n.endswith(".json") for n in names):
                 return False
             return z.read(root + "archive_format").strip() == b"pt2"
-    except (OSError, zipfile.BadZipFile, KeyError):
+    except (OSError, zipfile.BadZipFile, KeyError, UnicodeDecodeError):  # an undecodable name
         return False
 
 
@@ -141,7 +141,7 @@ def check_archive(path):
         with open(path, "rb") as f:
             head = f.read(4)
         z = zipfile.ZipFile(path)
-    except (OSError, zipfile.BadZipFile) as e:
+    except (OSError, zipfile.BadZipFile, UnicodeDecodeError) as e:  # UnicodeDecodeError: an undecodable entry name
         raise ExportedProgramError(f"Cannot read {path} as a .pt2 archive: {e}") from None
 
     with z:
