@@ -17,9 +17,18 @@ import cam_plugin
 
 MODEL_SOURCES = {
     "torchvision": "A torchvision classifier (weights download on first use)",
+    "zoo": "A FiftyOne zoo classifier (downloads on first use, as the zoo does)",
+    "huggingface": "A Hugging Face image classifier: a Hub id or a saved directory "
+    "(downloads on first use)",
+    "timm": "A timm model (pretrained weights download on first use)",
     "file": "An exported program (.pt2), a TorchScript file, or a checkpoint of a known architecture",
 }
 DEFAULT_TORCHVISION_MODEL = "resnet50"
+DEFAULT_ZOO_MODEL = "resnet50-imagenet-torch"
+# the spec prefix and the form parameter of each named-model source
+NAMED_SOURCES = {"zoo": ("zoo:", "zoo_model"), "huggingface": ("hf:", "hf_model"), "timm": ("timm:", "timm_model")}
+# the most names a model-name autocomplete sends with each form update
+MAX_NAME_CHOICES = 50
 CHECKPOINT_ARCHITECTURES = ["cifar10_resnet20"]
 
 
@@ -30,6 +39,10 @@ def model_spec(params):
         return str(params["model"])
 
     source = params.get("model_source", "torchvision")
+    if source in NAMED_SOURCES:
+        prefix, param = NAMED_SOURCES[source]
+        name = (params.get(param) or "").strip()
+        return f"{prefix}{name}" if name else None
     if source == "file":
         path = (params.get("model_path") or "").strip()
         if not path:
@@ -54,6 +67,10 @@ def layer_choices(spec):
     is downloaded either (:func:`cam_plugin.model_layers`)."""
     try:
         names, default = cam_plugin.model_layers(spec)
+    except cam_plugin.ModelNotLocalError as e:
+        # not refused: the run loads it (downloading it) and uses its
+        # automatic layer
+        return [], None, e
     except Exception as e:
         return [], None, str(e)
 
@@ -82,7 +99,10 @@ def model_inputs(ctx, inputs):
         view=sources,
     )
 
-    if ctx.params.get("model_source", "torchvision") == "file":
+    source = ctx.params.get("model_source", "torchvision")
+    if source in NAMED_SOURCES:
+        return named_model_inputs(ctx, inputs, source)
+    if source == "file":
         prop = inputs.str(
             "model_path",
             required=True,
@@ -150,6 +170,61 @@ def model_inputs(ctx, inputs):
         )
 
     return model_spec(ctx.params)
+
+
+def named_model_inputs(ctx, inputs, source):
+    """The name of a zoo, Hugging Face or timm model; its preprocessing and
+    class names come from the model itself. Returns the spec or None."""
+    _, param = NAMED_SOURCES[source]
+    name = (ctx.params.get(param) or "").strip()
+    if source == "zoo":
+        names = cam_plugin.zoo_classifiers()
+        choices = types.DropdownView()
+        for zoo_name in names:
+            choices.add_choice(zoo_name, label=zoo_name)
+        prop = inputs.enum(
+            param, names, default=DEFAULT_ZOO_MODEL, label="Zoo classifier",
+            description="The zoo's torchvision classifiers; its Transformers models "
+            "are Hugging Face ids",
+            view=choices,
+        )
+        name = name or DEFAULT_ZOO_MODEL
+        if name not in names:
+            prop.invalid = True
+            prop.error_message = f"'{name}' is not one of the zoo's torchvision classifiers"
+            return None
+        return f"zoo:{name}"
+
+    if source == "huggingface":
+        prop = inputs.str(
+            param, required=True, label="Hugging Face model",
+            description="A Hub id (google/vit-base-patch16-224) or the directory of a "
+            "save_pretrained model; its image processor and id2label are used",
+        )
+        if name and ("://" in name or name.startswith("hf:")):
+            prop.invalid = True
+            prop.error_message = "Type the id alone (owner/name), without 'hf:' or a URL"
+            return None
+        return f"hf:{name}" if name else None
+
+    names = cam_plugin.timm_model_names()
+    if not names:
+        inputs.view(
+            "timm_missing",
+            types.Error(label="timm is not installed", description="pip install timm, then reload the App"),
+        )
+        return None
+    typed = [n for n in names if name.lower() in n.lower()] if name else names
+    choices = types.AutocompleteView()
+    for timm_name in typed[:MAX_NAME_CHOICES]:
+        choices.add_choice(timm_name, label=timm_name)
+    prop = inputs.str(
+        param, required=True, label="timm model",
+        description="A name with its pretrained tag (resnet50.a1_in1k); its data config gives "
+        "the preprocessing",
+        view=choices,
+    )
+    return f"timm:{name}" if name else None
 
 
 CLASS_NAME_SOURCES = {
@@ -233,6 +308,15 @@ def method_inputs(inputs):
 
 def layer_inputs(ctx, inputs, spec):
     names, default, error = layer_choices(spec)
+    if isinstance(error, cam_plugin.ModelNotLocalError):
+        inputs.view(
+            "layer_notice",
+            types.Notice(
+                label="The automatic layer will be used",
+                description=f"{error} The run downloads the model and takes its automatic layer.",
+            ),
+        )
+        return True
     if error is not None:
         inputs.view(
             "layer_error",

@@ -36,6 +36,7 @@ from .models import (
     ClassNamesWarning,
     Classifier,
     ModelError,
+    ModelNotLocalError,
     imagenet_classes,
     load_classifier,
     read_class_names,
@@ -688,6 +689,33 @@ def torchvision_classifiers():
     from .models import torchvision_classifier_names
 
     return torchvision_classifier_names()
+
+
+@functools.lru_cache(maxsize=1)
+def zoo_classifiers():
+    """The FiftyOne zoo's torchvision image classifiers (``"zoo:<name>"``),
+    from the zoo's manifest shipped with FiftyOne: nothing is downloaded.
+    (The zoo's Transformers classifiers are Hugging Face models: use their
+    ids, ``"hf:<id>"``; its CLIP models are zero-shot, not classifiers.)"""
+    import fiftyone.zoo as foz
+
+    names = []
+    for name in foz.list_zoo_models(tags="classification"):
+        deployment = foz.get_zoo_model(name).default_deployment_config_dict or {}
+        if deployment.get("type", "").endswith(".TorchvisionImageModel"):
+            names.append(name)
+    return sorted(names)
+
+
+@functools.lru_cache(maxsize=1)
+def timm_model_names():
+    """The model names timm knows (``"timm:<name>"``, pretrained tags
+    included), or an empty list when timm is not installed."""
+    try:
+        import timm
+    except ImportError:
+        return []
+    return timm.list_models(pretrained=True)
 
 
 def torchvision_weights(name):

@@ -22,7 +22,7 @@ classifier's) are refused, with the reason.
 
 import torch
 
-from .models import ZOO_PREFIX, Classifier, ModelError
+from .models import ZOO_PREFIX, Classifier, ModelError, ModelNotLocalError
 
 
 def _torch_utils():
@@ -182,7 +182,7 @@ def _random_zoo_model(name):
     config = dict(deployment.get("config") or {})
     args = dict(config.get("entrypoint_args") or {})
     if not config.get("entrypoint_fcn") or "weights" not in args:
-        raise ModelError(
+        raise ModelNotLocalError(
             f"The zoo model '{name}' cannot be built without its download "
             "(it is not a torchvision network with a weights argument); load it "
             f"as 'zoo:{name}'"

@@ -37,7 +37,7 @@ import torchvision.transforms.v2 as T2
 from PIL import Image
 
 from .cifar_resnet import IMAGENET_MEAN, IMAGENET_STD
-from .models import HF_PREFIX, Classifier, ModelError
+from .models import HF_PREFIX, Classifier, ModelError, ModelNotLocalError
 
 #: model types that classify from the class token after the last block,
 #: whose encoder blocks name their first norm ``layernorm_before``
@@ -426,7 +426,7 @@ def _cached_config(tr, repo):
     try:
         return tr.AutoConfig.from_pretrained(repo, local_files_only=True)
     except Exception as e:  # noqa: BLE001
-        raise ModelError(
+        raise ModelNotLocalError(
             f"The layers of the Hugging Face model '{repo}' cannot be listed "
             "yet: its config is not in the local Hugging Face cache, and "
             "nothing is downloaded while a model is only being chosen. Load it "

@@ -68,6 +68,13 @@ class ModelError(ValueError):
     """A model that cannot be loaded or used, with what to do about it."""
 
 
+class ModelNotLocalError(ModelError):
+    """A model whose layers cannot be listed without a download (a Hugging
+    Face config not in the local cache, a zoo or timm model defined only by
+    files on a hub). Forms, which never download while the user is still
+    choosing, use the automatic layer for it instead of refusing it."""
+
+
 class ClassNamesWarning(UserWarning):
     """A run whose model has no class names: its predictions are labelled
     with output indices (``"0"``, ``"1"``, ...). Issued with

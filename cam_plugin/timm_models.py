@@ -28,7 +28,7 @@
 import torch
 import torchvision.transforms as T
 
-from .models import TIMM_PREFIX, Classifier, ModelError, imagenet_classes
+from .models import TIMM_PREFIX, Classifier, ModelError, ModelNotLocalError, imagenet_classes
 
 
 def _timm():
@@ -170,7 +170,7 @@ def load_timm_classifier(spec):
     _check_name(timm, name)
     if random:
         if name.startswith("hf-hub:"):
-            raise ModelError(_HUB_PROBE.format(name=name))
+            raise ModelNotLocalError(_HUB_PROBE.format(name=name))
         torch.manual_seed(0)
         model = timm.create_model(name, pretrained=False)
         return classifier_from_timm(model.eval(), f"{TIMM_PREFIX}{name} (random weights)")
@@ -203,5 +203,5 @@ def timm_probe_spec(spec):
     name, _ = timm_spec(spec)
     _check_name(timm, name)
     if name.startswith("hf-hub:"):
-        raise ModelError(_HUB_PROBE.format(name=name))
+        raise ModelNotLocalError(_HUB_PROBE.format(name=name))
     return f"{TIMM_PREFIX}{name}:none"
