@@ -355,8 +355,12 @@ def class_summary(samples, heatmap_field="cam", label_field=None, pred_field=Non
         right = np.array([r for r, _, _ in items])
         en = np.array([x for _, x, _ in items], dtype=np.float64)
         ar = np.array([x for _, _, x in items], dtype=np.float64)
-        focus = (en - ar) / (1 - ar)
-        off = focus < t.background_focus
+        # an object covering the whole image leaves no background to tell
+        # attention apart from: its focus is 0 (neither on nor off), and
+        # "off" uses the views' division-free form of focus < threshold
+        covered = ar >= 1
+        focus = np.where(covered, 0.0, (en - ar) / np.where(covered, 1.0, 1 - ar))
+        off = ~covered & (en < ar + t.background_focus * (1 - ar))
         low, high = wilson_interval(int(off.sum()), len(items))
         rows.append(
             {

@@ -285,3 +285,31 @@ def test_class_names_from_a_text_file_in_the_form(two_runs, resnet20_path, tmp_p
     )
     (notice,) = [p for name, p in _app_requests(result) if name.endswith("notify")]
     assert "10 outputs" in notice["message"] and "1000 class names" in notice["message"]
+
+
+def test_an_object_covering_the_whole_image_has_no_background(dataset_name):
+    """Before: with max_object_area=1.0, a sample whose object is the whole
+    image divided by zero (focus NaN, a RuntimeWarning). Now its focus is
+    0 and it is not counted off the object."""
+    import warnings
+
+    dataset = fo.Dataset(dataset_name)
+    dataset.add_samples(
+        [
+            fo.Sample(
+                filepath=f"/nonexistent/{i}.jpg",
+                gt=fo.Classification(label="wall"),
+                pred=fo.Classification(label="wall", confidence=0.9),
+                cam_object_energy=energy,
+                cam_object_area=area,
+            )
+            for i, (energy, area) in enumerate([(1.0, 1.0), (0.05, 0.25)])
+        ]
+    )
+    dataset.add_sample_field("cam", fo.EmbeddedDocumentField, embedded_doc_type=fo.Heatmap)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        (row,) = cam_plugin.class_summary(dataset, "cam", "gt", "pred", max_object_area=1.0, min_samples=1)
+    assert row["samples"] == 2 and row["off_object"] == 1
+    # (0.05 - 0.25) / 0.75 and 0
+    assert row["mean_focus"] == pytest.approx(-0.2 / 0.75 / 2)
