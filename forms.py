@@ -41,7 +41,10 @@ def model_spec(params):
     source = params.get("model_source", "torchvision")
     if source in NAMED_SOURCES:
         prefix, param = NAMED_SOURCES[source]
-        name = (params.get(param) or "").strip()
+        # the zoo's dropdown has a default, as the form shows it
+        name = (params.get(param) or (DEFAULT_ZOO_MODEL if source == "zoo" else "")).strip()
+        if source == "huggingface" and name.startswith("~"):
+            name = os.path.expanduser(name)
         return f"{prefix}{name}" if name else None
     if source == "file":
         path = (params.get("model_path") or "").strip()
@@ -205,7 +208,17 @@ def named_model_inputs(ctx, inputs, source):
             prop.invalid = True
             prop.error_message = "Type the id alone (owner/name), without 'hf:' or a URL"
             return None
-        return f"hf:{name}" if name else None
+        path = os.path.expanduser(name)
+        if name and (name.startswith(("/", "~", ".")) or os.path.isdir(path)):
+            # a directory, not a Hub id: it must hold a saved model
+            if not os.path.isfile(os.path.join(path, "config.json")):
+                prop.invalid = True
+                prop.error_message = (
+                    f"No saved model in {path}: a directory needs the config.json that "
+                    "save_pretrained writes"
+                )
+                return None
+        return model_spec(ctx.params)
 
     names = cam_plugin.timm_model_names()
     if not names:
@@ -428,11 +441,14 @@ def new_field_input(
 ):
     """A text input for an output field name, validated against the dataset:
     bad names, fields of another type and fields of other runs are refused.
-    ``derived`` suffixes name further fields written alongside it."""
+    ``derived`` names further fields written alongside it: suffixes of the
+    same type, or a dict from suffix to ``(ftype, doc_type)``."""
     prop = inputs.str(name, default=default, label=label, description=description)
     value = ctx.params.get(name, default)
     fields = {value: (ftype, doc_type)}
-    fields.update({f"{value}{suffix}": (ftype, doc_type) for suffix in derived})
+    if not isinstance(derived, dict):
+        derived = {suffix: (ftype, doc_type) for suffix in derived}
+    fields.update({f"{value}{suffix}": types_ for suffix, types_ in derived.items()})
     try:
         cam_plugin.check_fields(ctx.dataset, run_key, fields)
     except cam_plugin.RunError as e:
@@ -441,6 +457,22 @@ def new_field_input(
         return None
 
     return value
+
+
+def _derived_fields(ctx):
+    """The fields a compute_cams run writes beside its heatmap field, by
+    suffix, so that the form refuses a name the run would refuse."""
+    derived = {"_error": (fo.StringField, None)}
+    if ctx.params.get("targets", "pred") in ("gt", "both"):
+        derived["_gt"] = (fo.EmbeddedDocumentField, fo.Heatmap)
+    label_field = ctx.params.get("label_field")
+    field = ctx.dataset.get_field(label_field) if label_field else None
+    objects = getattr(field, "document_type", None) in (fo.Detections, fo.Polylines)
+    if label_field and (objects or (ctx.params.get("class_map_file") or "").strip()):
+        # judged by a class map (or an image class from objects)
+        derived["_gt_class"] = (fo.EmbeddedDocumentField, fo.Classification)
+        derived["_correct"] = (fo.BooleanField, None)
+    return derived
 
 
 def compute_cams_inputs(ctx, inputs):
@@ -463,12 +495,11 @@ def compute_cams_inputs(ctx, inputs):
         ctx, inputs, "pred_field", "Prediction field", "cam_prediction", run_key,
         fo.EmbeddedDocumentField, fo.Classification,
     )
-    with_gt = ctx.params.get("targets", "pred") in ("gt", "both")
     heat = new_field_input(
         ctx, inputs, "heatmap_field", "Heatmap field", "cam", run_key,
         fo.EmbeddedDocumentField, fo.Heatmap,
         description="Also the run key; ground-truth maps go to <field>_gt",
-        derived=("_gt",) if with_gt else (),
+        derived=_derived_fields(ctx),
     )
     ok = pred is not None and heat is not None
 
@@ -533,11 +564,20 @@ def compute_cams_kwargs(params):
     targets = {"pred": ["pred"], "gt": ["gt"], "both": ["pred", "gt"]}
     # queued shards carry the run's targets in the library's terms
     target = params.get("target_list") or params.get("targets") or "pred"
+    source = params.get("model_source", "torchvision")
+    # the App keeps the values of inputs it no longer shows: class names
+    # typed for a file, or a layer chosen for another model, must not reach
+    # a model that brings its own (or whose layers the form did not list)
+    classes = classes_from(params) if params.get("model") or source == "file" else None
+    target_layer = params.get("target_layer")
+    if target_layer and not params.get("model") and source in NAMED_SOURCES:
+        names, _, _ = layer_choices(model_spec(params))
+        target_layer = target_layer if target_layer in names else None
     kwargs = dict(
-        classes=classes_from(params),
+        classes=classes,
         model=model_spec(params),
         method=params.get("method", "gradcam"),
-        target_layer=params.get("target_layer"),
+        target_layer=target_layer,
         label_field=params.get("label_field") or None,
         # a queued shard carries the map as the run records it
         class_map=params.get("class_map") or (params.get("class_map_file") or "").strip() or None,

@@ -30,6 +30,7 @@ import csv
 import difflib
 import io
 import json
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -78,12 +79,12 @@ class ClassMap:
             return cls._from_dict(value, "dict")
         if isinstance(value, (list, tuple)):
             try:
-                pairs = {k: v for k, v in value}
+                pairs = [(k, v) for k, v in value]
             except (TypeError, ValueError):
                 raise ClassMapError(
                     "A class map given as a list must hold [dataset class, [model classes]] pairs"
                 ) from None
-            return cls._from_dict(pairs, "list")
+            return cls._from_dict(_unique(pairs, "the list"), "list")
         if isinstance(value, (str, os.PathLike)):
             return cls._from_file(os.fspath(value))
         raise ClassMapError(
@@ -123,6 +124,12 @@ class ClassMap:
                     f"Class map{where}: '{key}' maps to no model class; remove it (its samples "
                     "are then reported as unmapped) or give at least one"
                 )
+            if key.strip() in sets:
+                # " dog" and "dog": one would silently replace the other
+                raise ClassMapError(
+                    f"Class map{where}: '{key.strip()}' is given twice; give all its model "
+                    "classes in one entry"
+                )
             sets[key.strip()] = frozenset(m.strip() for m in members)
         if not sets:
             raise ClassMapError(f"The class map ({source}) is empty: map at least one dataset class")
@@ -145,7 +152,8 @@ class ClassMap:
             raise ClassMapError(f"Class map file {path} cannot be read: {e}") from e
         if ext == ".json":
             try:
-                mapping = json.loads(text)
+                # json keeps the last of duplicate keys: refused instead
+                mapping = json.loads(text, object_pairs_hook=lambda pairs: _unique(pairs, path))
             except json.JSONDecodeError as e:
                 raise ClassMapError(f"Class map file {path}, line {e.lineno}: not valid JSON ({e.msg})") from e
             if not isinstance(mapping, dict):
@@ -159,12 +167,15 @@ class ClassMap:
     @classmethod
     def _from_csv(cls, text, path):
         mapping, lines = {}, {}
+        first = True
         for number, row in enumerate(csv.reader(io.StringIO(text), skipinitialspace=True), start=1):
             cells = [c.strip() for c in row]
             if not any(cells) or cells[0].startswith("#"):
                 continue
-            if number == 1 and cells[0].lower().replace(" ", "_") == "dataset_class":
-                continue  # the header
+            # the header, if any, is the first row of data (after comments)
+            header, first = first and cells[0].lower().replace(" ", "_") == "dataset_class", False
+            if header:
+                continue
             members = [c for c in cells[1:] if c]
             if not cells[0] or not members:
                 raise ClassMapError(
@@ -235,21 +246,35 @@ class ClassMap:
 def object_area(bounding_box=None, points=None, closed=None, filled=None):
     """The area, in normalised coordinates, of a box ``[x, y, w, h]`` or of
     a polyline's shapes; None for an open, unfilled polyline (it makes no
-    region, so it is no object of the image) or a label with neither."""
+    region, so it is no object of the image), a label with neither, and
+    one whose geometry is not a region (``fo.Detection``'s default box is
+    ``[]``; a box with a missing number; a polyline without a shape of 3
+    points): a stray label must not become the image's class, nor stop
+    the run."""
     if bounding_box is not None:
-        _, _, w, h = (float(v) for v in bounding_box)
+        try:
+            _, _, w, h = (float(v) for v in bounding_box)
+        except (TypeError, ValueError):
+            return None
+        if not (math.isfinite(w) and math.isfinite(h)):
+            return None
         return max(0.0, w) * max(0.0, h)
     if points is None or not (closed or filled):
         return None
-    area = 0.0
+    area, shapes = 0.0, 0
     for shape in points:
-        if len(shape) < 3:
+        try:
+            xs = [float(p[0]) for p in shape]
+            ys = [float(p[1]) for p in shape]
+        except (TypeError, ValueError, IndexError):
             continue
-        xs = [float(p[0]) for p in shape]
-        ys = [float(p[1]) for p in shape]
-        twice = sum(xs[i] * ys[i - 1] - xs[i - 1] * ys[i] for i in range(len(shape)))
-        area += abs(twice) / 2
-    return area
+        if len(xs) < 3:
+            continue
+        twice = sum(xs[i] * ys[i - 1] - xs[i - 1] * ys[i] for i in range(len(xs)))
+        if math.isfinite(twice):
+            area += abs(twice) / 2
+            shapes += 1
+    return area if shapes else None
 
 
 def image_class(labels, areas, class_map, rule="largest"):
@@ -271,3 +296,16 @@ def image_class(labels, areas, class_map, rule="largest"):
         if area is not None and label in class_map and area > best_area:
             best, best_area = label, area
     return best
+
+
+def _unique(pairs, source):
+    """A dict of ``(key, value)`` pairs, refusing a key given twice (a JSON
+    object or a list would otherwise keep only the last)."""
+    mapping = {}
+    for key, value in pairs:
+        if key in mapping:
+            raise ClassMapError(
+                f"Class map ({source}): '{key}' is given twice; give all its model classes in one entry"
+            )
+        mapping[key] = value
+    return mapping

@@ -116,6 +116,43 @@ def test_the_largest_object_the_map_covers_gives_the_image_its_class():
         image_class(labels, areas, class_map, rule="all")
 
 
+def test_labels_without_a_region_are_no_objects():
+    # fo.Detection's default box is []; boxes with a missing number, and
+    # closed polylines without a shape of 3 points, make no region either:
+    # a stray label must not become the image's class (nor raise)
+    class_map = ClassMap.load({"dog": ["beagle"], "car": ["cab"]})
+    assert fo.Detection(label="dog").bounding_box == []
+    for box in ([], [0, 0, None, 1], [0, 0, float("nan"), 1], [0, 0, 1]):
+        assert object_area(bounding_box=box) is None, box
+    assert object_area(points=[[(0, 0), (1, 1)]], closed=True) is None
+    assert object_area(points=[], closed=True) is None
+    assert object_area(points=[[(0, 0), None, (1, 1)]], closed=True) is None
+    areas = [object_area(bounding_box=[]), object_area(bounding_box=[0, 0, 0.1, 0.1])]
+    assert image_class(["dog", "car"], areas, class_map) == "car"
+    line = object_area(points=[[(0, 0), (1, 1)]], closed=True)
+    assert image_class(["dog", "car"], [line, 0.01], class_map) == "car"
+
+
+def test_a_class_given_twice_is_refused_not_overwritten(tmp_path):
+    # json.loads keeps the last of duplicate keys, a list of pairs and keys
+    # equal but for spaces did too: the first set was silently lost
+    twice = tmp_path / "twice.json"
+    twice.write_text('{"dog": ["beagle", "pug"], "cat": ["tabby"], "dog": ["golden retriever"]}')
+    for value in (str(twice), [["dog", ["beagle"]], ["dog", ["pug"]]], {"dog": ["beagle"], " dog": ["pug"]}):
+        with pytest.raises(ClassMapError, match="'dog' is given twice"):
+            ClassMap.load(value)
+    # CSV rows of one class add up, as documented
+    rows = tmp_path / "rows.csv"
+    rows.write_text("dog,beagle\ndog,pug\n")
+    assert ClassMap.load(str(rows)).members("dog") == {"beagle", "pug"}
+
+
+def test_a_csv_header_after_a_comment_is_a_header(tmp_path):
+    path = tmp_path / "commented.csv"
+    path.write_text("# COCO to ImageNet\n\ndataset_class,model_class\ndog,beagle\n")
+    assert ClassMap.load(str(path)).sets == {"dog": frozenset({"beagle"})}
+
+
 def test_the_ground_truth_target_is_the_member_the_model_scores_highest():
     logits = torch.tensor([[0.0, 3.0, 1.0, 5.0], [2.0, 1.0, 0.0, 0.5], [1.0, 1.0, 1.0, 1.0]])
     candidates = torch.tensor([[0, 1, 2], [2, 3, -1], [-1, -1, -1]])
@@ -188,6 +225,16 @@ def test_detections_as_ground_truth_judge_and_map_like_the_classification(cifar_
     cam_plugin.compute_cams(dataset, model, label_field="outlines", heatmap_field="poly",
                             pred_field="poly_prediction", targets=["pred"], **common)
     assert dataset.values("poly_gt_class.label") == dataset.values("box_gt_class.label")
+
+    # a box-less detection (fo.Detection's default) on a sample: no object,
+    # and the run goes on (it stopped the whole shard before any sample)
+    first = dataset.first()
+    first.objects = fo.Detections(detections=[fo.Detection(label="cat")])
+    first.save()
+    summary = cam_plugin.compute_cams(dataset, model, label_field="objects", heatmap_field="boxless",
+                                      pred_field="boxless_prediction", targets=["pred"], **common)
+    assert (summary.processed, summary.failed) == (20, 0)
+    assert dataset.first().boxless_gt_class is None
 
     with pytest.raises(cam_plugin.CamError, match="label_rule='all'.*not supported yet"):
         cam_plugin.compute_cams(dataset, model, label_field="objects", heatmap_field="all",

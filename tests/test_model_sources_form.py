@@ -128,3 +128,45 @@ def test_a_hugging_face_model_from_the_form(dataset, tmp_path):
     # the model's id2label names, not output indices
     assert set(dataset.distinct("vit_pred.label")) <= set(CIFAR)
     assert cam_plugin.get_run(dataset, "vit_cam")["model_spec"] == f"hf:{tmp_path}"
+
+
+def test_values_of_hidden_inputs_do_not_reach_the_run():
+    # the App keeps what was typed into inputs it no longer shows
+    import forms
+
+    params = dict(model_source="zoo", classes="a,b", class_names_source="typed", target_layer="layer4")
+    kwargs = forms.compute_cams_kwargs(params)
+    # the zoo's default model, as the form shows it; its own classes
+    assert kwargs["model"] == "zoo:resnet50-imagenet-torch" and kwargs["classes"] is None
+    # a layer the zoo model has is kept, another model's is not
+    assert kwargs["target_layer"] == "layer4"
+    assert forms.compute_cams_kwargs(dict(params, target_layer="features.28"))["target_layer"] is None
+    # files and complete specifications keep their class names
+    assert forms.compute_cams_kwargs(dict(params, model_source="file", model_path="/m.pt2"))["classes"] == ["a", "b"]
+    assert forms.compute_cams_kwargs(dict(model="resnet18", classes=["x"]))["classes"] == ["x"]
+
+
+def test_a_hugging_face_directory_must_hold_a_saved_model(dataset, tmp_path):
+    pytest.importorskip("transformers", reason="transformers is a test dependency")
+    props = _form(dataset, model_source="huggingface", hf_model=str(tmp_path))
+    assert "No saved model in" in _errors(props)["hf_model"]
+    props = _form(dataset, model_source="huggingface", hf_model="./not-here")
+    assert "No saved model in" in _errors(props)["hf_model"]
+
+
+def test_the_form_checks_every_field_the_run_writes(dataset):
+    # a run judging by objects also writes <heatmap>_gt_class and
+    # <heatmap>_correct: a user's field of that name is refused in the form,
+    # not when the run starts
+    import fiftyone as fo
+
+    dataset.set_values("objects", [fo.Detections(detections=[])] * len(dataset))
+    dataset.set_values("cam_correct", ["mine"] * len(dataset))
+    params = dict(model_source="torchvision", torchvision_model="resnet18", weights="IMAGENET1K_V1",
+                  label_field="objects", targets="pred")
+    error = _errors(_form(dataset, **params))["heatmap_field"]
+    assert "cam_correct" in error
+    # with a classification field the run writes no such field
+    assert "heatmap_field" not in _errors(_form(dataset, **dict(params, label_field="ground_truth")))
+    dataset.set_values("cam_error", [1] * len(dataset))
+    assert "cam_error" in _errors(_form(dataset, **dict(params, label_field="ground_truth")))["heatmap_field"]

@@ -353,6 +353,20 @@ class CamRunType(RunType):
             areas = [object_area(points=p, closed=c, filled=f) for p, c, f in zip(points, closed, filled)]
         return image_class(labels, areas, self._map, self.label_rule)
 
+    def _safe_image_class(self, sample_id, values):
+        # labels no rule can read (odd values written by other tools) leave
+        # this one sample unjudged, with a warning naming it; the others of
+        # the batch go on
+        try:
+            return self._image_class(values)
+        except (TypeError, ValueError, IndexError) as e:
+            warnings.warn(
+                f"Sample {sample_id}: its '{self.label_field}' labels cannot be read "
+                f"({type(e).__name__}: {e}); it is treated as unmapped",
+                UnmappedLabelsWarning,
+            )
+            return None
+
     def _warn_unmapped(self):
         """Says, when the run starts, how many samples have labels that map
         to nothing: they are computed (prediction and predicted-class map)
@@ -367,6 +381,9 @@ class CamRunType(RunType):
             attr = "detections" if self._label_type is fo.Detections else "polylines"
             path = f"{self.label_field}.{attr}.label"
             kept = F("label").is_in(covered)
+            if attr == "detections":
+                # fo.Detection's default box is [] (no region, see object_area)
+                kept = kept & (F("bounding_box").length() == 4)
             if attr == "polylines":
                 kept = kept & ((F("closed") == True) | (F("filled") == True))  # noqa: E712
             judged = F(f"{self.label_field}.{attr}").filter(kept).length() > 0
@@ -432,7 +449,7 @@ class CamRunType(RunType):
         gt = [-1] * len(ids)
         image_classes = {}
         if self.mapped:
-            image_classes = {i: self._image_class(rows[i][1:]) for i in ids}
+            image_classes = {i: self._safe_image_class(i, rows[i][1:]) for i in ids}
             gt = [self._candidates.get(image_classes[i], ()) for i in ids]
         elif self.label_field:
             gt = [self._gt_index.get(rows[i][1], -1) for i in ids]
