@@ -22,7 +22,7 @@ classifier's) are refused, with the reason.
 
 import torch
 
-from .models import ZOO_PREFIX, Classifier, ModelError, ModelNotLocalError
+from .models import ZOO_PREFIX, Classifier, ModelError, ModelNotLocalError, split_named_spec
 
 
 def _torch_utils():
@@ -107,13 +107,9 @@ def classifier_from_fiftyone(model, name=None):
 def zoo_name(spec):
     """The zoo model name of ``"zoo:<name>"`` and whether ``":none"``
     (random weights) was asked for."""
-    name = spec[len(ZOO_PREFIX) :].strip()
-    random = False
-    if name.lower().endswith(":none"):
-        name, random = name[: -len(":none")].strip(), True
-    if not name:
-        raise ModelError("Name the zoo model: 'zoo:<name>', e.g. 'zoo:resnet50-imagenet-torch'")
-    return name, random
+    return split_named_spec(
+        spec, ZOO_PREFIX, "Name the zoo model: 'zoo:<name>', e.g. 'zoo:resnet50-imagenet-torch'"
+    )
 
 
 def load_zoo_classifier(spec):

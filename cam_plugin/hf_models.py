@@ -37,7 +37,7 @@ import torchvision.transforms.v2 as T2
 from PIL import Image
 
 from .cifar_resnet import IMAGENET_MEAN, IMAGENET_STD
-from .models import HF_PREFIX, Classifier, ModelError, ModelNotLocalError
+from .models import HF_PREFIX, Classifier, ModelError, ModelNotLocalError, split_named_spec
 
 #: model types that classify from the class token after the last block,
 #: whose encoder blocks name their first norm ``layernorm_before``
@@ -369,15 +369,9 @@ def processor_difference(transform, processor, image=None):
 def hf_spec(spec):
     """The repo id (or directory) of ``"hf:<repo id>"`` and whether
     ``":none"`` (random weights) was asked for."""
-    repo = spec[len(HF_PREFIX) :].strip()
-    random = False
-    if repo.lower().endswith(":none"):
-        repo, random = repo[: -len(":none")].strip(), True
-    if not repo:
-        raise ModelError(
-            "Name the Hugging Face model: 'hf:<repo id>', e.g. 'hf:google/vit-base-patch16-224'"
-        )
-    return repo, random
+    return split_named_spec(
+        spec, HF_PREFIX, "Name the Hugging Face model: 'hf:<repo id>', e.g. 'hf:google/vit-base-patch16-224'"
+    )
 
 
 def load_hf_classifier(spec):

@@ -398,6 +398,23 @@ def _is_none(arg):
     return arg.lower() == "none"
 
 
+def split_named_spec(spec, prefix, example):
+    """The name of a ``"<prefix><name>[:none]"`` specification (a zoo,
+    Hugging Face or timm model) and whether ``":none"`` (random weights)
+    was asked for.
+
+    Raises:
+        ModelError: for an empty name, showing ``example``
+    """
+    name = spec[len(prefix) :].strip()
+    random = False
+    if name.lower().endswith(":none"):
+        name, random = name[: -len(":none")].strip(), True
+    if not name:
+        raise ModelError(example)
+    return name, random
+
+
 def _load_from_string(spec, trust_checkpoint):
     if os.path.isfile(spec):
         return _load_file(spec, trust_checkpoint)

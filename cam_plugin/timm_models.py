@@ -29,6 +29,7 @@ import torch
 import torchvision.transforms as T
 
 from .models import TIMM_PREFIX, Classifier, ModelError, ModelNotLocalError, imagenet_classes
+from .models import split_named_spec
 
 
 def _timm():
@@ -131,13 +132,9 @@ def default_timm_layer(model):
 def timm_spec(spec):
     """The model name of ``"timm:<name>"`` and whether ``":none"`` (random
     weights) was asked for."""
-    name = spec[len(TIMM_PREFIX) :].strip()
-    random = False
-    if name.lower().endswith(":none"):
-        name, random = name[: -len(":none")].strip(), True
-    if not name:
-        raise ModelError("Name the timm model: 'timm:<name>', e.g. 'timm:resnet50.a1_in1k'")
-    return name, random
+    return split_named_spec(
+        spec, TIMM_PREFIX, "Name the timm model: 'timm:<name>', e.g. 'timm:resnet50.a1_in1k'"
+    )
 
 
 def _check_name(timm, name):

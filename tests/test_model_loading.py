@@ -9,7 +9,6 @@ Python unpickles a whole model. The shared CIFAR ResNet-20 checkpoint, a
 plain pickle of tensors, keeps loading without any trust flag.
 """
 
-import asyncio
 import contextlib
 import pickle
 import re
@@ -19,11 +18,11 @@ import fiftyone.operators as foo
 import pytest
 import torch
 import torchvision
-from fiftyone.operators.executor import resolve_type
 from PIL import Image
 
 import cam_plugin
-from builders import cifar_dataset
+from builders import cifar_dataset, resolve_form
+from builders import form_errors as _errors
 from cam_plugin import ModelError, load_classifier
 from cam_plugin.cams.torchscript import HookableScriptModule
 from cam_plugin.cifar_resnet import CIFAR10_CLASSES, resnet20
@@ -124,14 +123,7 @@ def dataset(dataset_name, cifar_dir):
 
 def _form(dataset, **params):
     """The compute_cams form as the App resolves it, as JSON properties."""
-    request = {"dataset_name": dataset.name, "view": [], "params": params}
-    prop = asyncio.run(resolve_type(foo.OperatorRegistry(), COMPUTE_CAMS, request))
-    assert not isinstance(prop, foo.executor.ExecutionResult), getattr(prop, "error", None)
-    return prop.to_json()["type"]["properties"]
-
-
-def _errors(properties):
-    return {name: p.get("error_message") for name, p in properties.items() if p.get("invalid")}
+    return resolve_form(COMPUTE_CAMS, dataset, **params)
 
 
 def test_the_app_form_never_loads_a_crafted_pickle(crafted, dataset):

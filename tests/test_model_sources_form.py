@@ -6,7 +6,6 @@ anything while the user is still choosing (a model whose layers need a
 download gets the automatic layer, said in the form), and a run from the
 form uses the model's own classes."""
 
-import asyncio
 import os
 
 # before transformers and huggingface_hub read it on import
@@ -15,10 +14,10 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import fiftyone.operators as foo  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from fiftyone.operators.executor import resolve_type  # noqa: E402
 
 import cam_plugin  # noqa: E402
-from builders import cifar_dataset  # noqa: E402
+from builders import cifar_dataset, resolve_form  # noqa: E402
+from builders import form_errors as _errors  # noqa: E402
 
 COMPUTE_CAMS = "@cam-plugin/cam/compute_cams"
 CIFAR = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -38,14 +37,7 @@ def dataset(dataset_name, cifar_dir):
 
 
 def _form(dataset, **params):
-    request = {"dataset_name": dataset.name, "view": [], "params": params}
-    prop = asyncio.run(resolve_type(foo.OperatorRegistry(), COMPUTE_CAMS, request))
-    assert not isinstance(prop, foo.executor.ExecutionResult), getattr(prop, "error", None)
-    return prop.to_json()["type"]["properties"]
-
-
-def _errors(properties):
-    return {name: p.get("error_message") for name, p in properties.items() if p.get("invalid")}
+    return resolve_form(COMPUTE_CAMS, dataset, **params)
 
 
 def _choices(prop):
