@@ -208,8 +208,9 @@ class AttentionViews(foo.Operator):
     def resolve_input(self, ctx):
         inputs = types.Object()
         inputs.view_target(ctx, action_description="Find these samples in")
-        if forms.heatmap_field_input(ctx, inputs, ctx.target_view(), with_metrics=True):
-            forms.threshold_inputs(inputs)
+        field = forms.heatmap_field_input(ctx, inputs, ctx.target_view(), with_metrics=True)
+        if field:
+            forms.threshold_inputs(inputs, views=forms.view_names(ctx.target_view(), field))
         return types.Property(inputs, view=types.View(label="Attention views"))
 
     def execute(self, ctx):
@@ -221,7 +222,10 @@ class AttentionViews(foo.Operator):
             )
         except _Failed as e:
             return _error_output(ctx, str(e))
-        opened = ctx.params.get("open_view", "misclassified_background")
+        opened = ctx.params.get("open_view") or "misclassified_background"
+        if opened not in views:
+            # a field without ground truth has only the views that need none
+            opened = next(iter(views))
         ctx.ops.set_view(name=cam_plugin.saved_view_name(heatmap_field, opened))
         counts = [
             {"view": cam_plugin.saved_view_name(heatmap_field, name), "samples": view.count()}
@@ -262,7 +266,7 @@ class ClassSummary(foo.Operator):
     def resolve_input(self, ctx):
         inputs = types.Object()
         inputs.view_target(ctx, action_description="Summarise")
-        if forms.heatmap_field_input(ctx, inputs, ctx.target_view(), with_metrics=True):
+        if forms.heatmap_field_input(ctx, inputs, ctx.target_view(), with_metrics=True, for_summary=True):
             forms.threshold_inputs(inputs, with_views=False)
         return types.Property(inputs, view=types.View(label="Per-class attention summary"))
 

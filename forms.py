@@ -359,6 +359,23 @@ def layer_inputs(ctx, inputs, spec):
     return True
 
 
+def model_classes_notice(inputs, spec):
+    """Says which class names the chosen model brings (nothing is
+    downloaded: :func:`cam_plugin.model_classes`), so the user sees what
+    predictions will be called before running."""
+    try:
+        classes = cam_plugin.model_classes(spec)
+    except Exception:  # noqa: BLE001 (the layer input already says what is wrong)
+        return
+    if not classes:
+        return
+    shown = ", ".join(classes[:8]) + (", ..." if len(classes) > 8 else "")
+    inputs.view(
+        "model_classes",
+        types.Notice(label=f"Classes from the model: {len(classes)}", description=shown),
+    )
+
+
 def classification_fields(samples):
     schema = samples.get_field_schema(embedded_doc_type=fo.Classification)
     return sorted(schema)
@@ -371,6 +388,15 @@ def ground_truth_fields(samples):
 
 
 def target_inputs(ctx, inputs, samples):
+    inputs.bool(
+        "multilabel",
+        default=False,
+        label="Multi-label model",
+        description="Independent sigmoid scores (several classes per image): one heatmap field "
+        "per class, for the samples predicted or labelled with it",
+    )
+    if ctx.params.get("multilabel"):
+        return multilabel_inputs(ctx, inputs, samples)
     choices = types.RadioGroup(orientation="horizontal")
     choices.add_choice("pred", label="Predicted class")
     choices.add_choice("gt", label="Ground-truth class")
@@ -406,6 +432,30 @@ def target_inputs(ctx, inputs, samples):
         return False
 
     return class_map_input(ctx, inputs) if label_field else True
+
+
+def multilabel_inputs(ctx, inputs, samples):
+    """The threshold and ground truth of a multi-label run."""
+    prop = inputs.float(
+        "threshold", default=0.5, min=0, max=1, label="Threshold",
+        description="A class is predicted when its probability reaches this",
+    )
+    threshold = ctx.params.get("threshold", 0.5)
+    if threshold is None or not 0 < float(threshold) < 1:
+        prop.invalid = True
+        prop.error_message = "The threshold is a probability between 0 and 1"
+        return False
+    fields = types.DropdownView()
+    for name in _fields_of(samples, (fo.Classifications, fo.Classification, fo.Detections, fo.Polylines)):
+        fields.add_choice(name, label=name)
+    inputs.str(
+        "label_field",
+        label="Ground-truth field (optional)",
+        description="fo.Classifications, or objects (fo.Detections / fo.Polylines: every "
+        "object's class is a label of the image)",
+        view=fields,
+    )
+    return True
 
 
 def class_map_input(ctx, inputs):
@@ -463,6 +513,12 @@ def _derived_fields(ctx):
     """The fields a compute_cams run writes beside its heatmap field, by
     suffix, so that the form refuses a name the run would refuse."""
     derived = {"_error": (fo.StringField, None)}
+    if ctx.params.get("multilabel"):
+        # (the per-class fields are checked by the run, once the model's
+        # classes are known)
+        if ctx.params.get("label_field"):
+            derived["_gt_labels"] = (fo.EmbeddedDocumentField, fo.Classifications)
+        return derived
     if ctx.params.get("targets", "pred") in ("gt", "both"):
         derived["_gt"] = (fo.EmbeddedDocumentField, fo.Heatmap)
     label_field = ctx.params.get("label_field")
@@ -486,6 +542,7 @@ def compute_cams_inputs(ctx, inputs):
     method_inputs(inputs)
     if not layer_inputs(ctx, inputs, spec):
         return False
+    model_classes_notice(inputs, spec)
 
     if not target_inputs(ctx, inputs, samples):
         return False
@@ -493,7 +550,8 @@ def compute_cams_inputs(ctx, inputs):
     run_key = ctx.params.get("heatmap_field") or "cam"
     pred = new_field_input(
         ctx, inputs, "pred_field", "Prediction field", "cam_prediction", run_key,
-        fo.EmbeddedDocumentField, fo.Classification,
+        fo.EmbeddedDocumentField,
+        fo.Classifications if ctx.params.get("multilabel") else fo.Classification,
     )
     heat = new_field_input(
         ctx, inputs, "heatmap_field", "Heatmap field", "cam", run_key,
@@ -573,6 +631,7 @@ def compute_cams_kwargs(params):
     if target_layer and not params.get("model") and source in NAMED_SOURCES:
         names, _, _ = layer_choices(model_spec(params))
         target_layer = target_layer if target_layer in names else None
+    multilabel = bool(params.get("multilabel", False))
     kwargs = dict(
         classes=classes,
         model=model_spec(params),
@@ -591,8 +650,15 @@ def compute_cams_kwargs(params):
         retry_failed=bool(params.get("retry_failed", False)),
         store_logits=bool(params.get("store_logits", False)),
         num_shards=int(params.get("num_shards") or 1),
+        multilabel=multilabel,
+        threshold=float(params.get("threshold") or 0.5),
         shard=params.get("shard"),
     )
+    if multilabel:
+        # a map per class; the targets and class map inputs are hidden
+        # (the App keeps their values), a queued shard names its classes
+        kwargs["targets"] = list(params["target_list"]) if params.get("target_list") else None
+        kwargs["class_map"] = None
     # what only Python callers and queued shards pass
     for name in ("num_workers", "mixed_precision", "chunk_size", "heatmap_size", "output_dir", "run_key"):
         if params.get(name) is not None:
@@ -611,20 +677,19 @@ def _fields_of(samples, doc_types):
     return sorted(names)
 
 
-def heatmap_field_input(ctx, inputs, samples, with_metrics=False):
+def heatmap_field_input(ctx, inputs, samples, with_metrics=False, for_summary=False):
     """A dropdown of the heatmap fields. With ``with_metrics``, only those
-    the views and the per-class summary can use (attention metrics on
-    objects, ground truth and predictions known); the others are listed
-    with what they lack. Returns the chosen field, or None when there is
-    nothing valid to choose."""
+    the views can use (attention metrics on objects, predictions known),
+    or with ``for_summary`` those the per-class summary can use (ground
+    truth known too); the others are listed with what they lack. Returns
+    the chosen field, or None when there is nothing valid to choose."""
     if not with_metrics:
         names = _fields_of(samples, fo.Heatmap)
         problems = {}
         no_choice = "This dataset has no heatmap field: run 'Compute class activation maps' first"
     else:
         described = cam_plugin.attention_fields(samples)
-        names = [f.heatmap_field for f in described if f.usable]
-        problems = {f.heatmap_field: f.problem for f in described if not f.usable}
+        names, problems = _usable(described, for_summary)
         no_choice = (
             "No heatmap field can be used yet: "
             + "; ".join(problems.values())
@@ -734,7 +799,29 @@ def compute_attention_kwargs(params):
     return kwargs
 
 
-def threshold_inputs(inputs, with_views=True):
+def _usable(described, for_summary):
+    """The usable fields' names, and the others' problems by field."""
+    if for_summary:
+        return (
+            [f.heatmap_field for f in described if f.summarisable],
+            {f.heatmap_field: f.problem or f.summary_problem for f in described if not f.summarisable},
+        )
+    return (
+        [f.heatmap_field for f in described if f.usable],
+        {f.heatmap_field: f.problem for f in described if not f.usable},
+    )
+
+
+def view_names(samples, heatmap_field):
+    """The views :func:`cam_plugin.attention_views` builds for a field:
+    only those that need no ground truth for a field without it."""
+    field = cam_plugin.views.describe_field(samples, heatmap_field)
+    if field.label_field is None:
+        return list(cam_plugin.views.GROUND_TRUTH_FREE_VIEWS)
+    return list(cam_plugin.VIEW_DESCRIPTIONS)
+
+
+def threshold_inputs(inputs, with_views=True, views=None):
     t = cam_plugin.Thresholds()
     inputs.float(
         "background_focus",
@@ -753,13 +840,27 @@ def threshold_inputs(inputs, with_views=True):
     )
     if with_views:
         inputs.float("confidence", default=t.confidence, min=0, max=1, label="Confident from")
+        inputs.float(
+            "border_energy", default=t.border_energy, min=0, max=1, label="On the border from",
+            description="The share of the map's mass on the border band (10% of each side); "
+            "a uniform map puts 0.36 there",
+        )
+        views = list(views or cam_plugin.VIEW_DESCRIPTIONS)
+        if len(views) < len(cam_plugin.VIEW_DESCRIPTIONS):
+            inputs.view(
+                "ground_truth_free",
+                types.Notice(
+                    label=f"Without ground truth: only {', '.join(views)}",
+                    description="The other views compare the predictions with ground truth",
+                ),
+            )
         choices = types.DropdownView()
-        for name, description in cam_plugin.VIEW_DESCRIPTIONS.items():
-            choices.add_choice(name, label=name, description=description)
+        for name in views:
+            choices.add_choice(name, label=name, description=cam_plugin.VIEW_DESCRIPTIONS[name])
         inputs.enum(
             "open_view",
             choices.values(),
-            default="misclassified_background",
+            default=views[0],
             label="View to open",
             view=choices,
         )
@@ -775,6 +876,7 @@ def thresholds_from(params):
         object_focus=float(params.get("object_focus", t.object_focus)),
         max_object_area=float(params.get("max_object_area", t.max_object_area)),
         confidence=float(params.get("confidence", t.confidence)),
+        border_energy=float(params.get("border_energy", t.border_energy)),
     )
 
 
@@ -1027,11 +1129,8 @@ def delete_run_inputs(ctx, inputs):
 def usable_attention_fields(samples):
     """The heatmap fields the views, the summary and its panel can use, and
     the sentences saying why the others cannot."""
-    described = cam_plugin.attention_fields(samples)
-    return (
-        [f.heatmap_field for f in described if f.usable],
-        [f.problem for f in described if not f.usable],
-    )
+    names, problems = _usable(cam_plugin.attention_fields(samples), for_summary=True)
+    return names, list(problems.values())
 
 
 TARGET_TEXTS = {

@@ -6,9 +6,11 @@ internal modules:
 -   :func:`compute_cams`: predictions and class activation maps as
     ``fo.Classification`` and ``fo.Heatmap`` fields
 -   :func:`compute_attention`: how much of each map falls on the labelled
-    object, as scalar fields
+    object, as scalar fields; :func:`compute_label_attention`, each class's
+    maps of a multi-label run against that class's objects
 -   :func:`attention_views`, :func:`class_summary`: the samples where the
-    model looked at the wrong place, and the classes that do it most
+    model looked at the wrong place, and the classes that do it most;
+    :func:`label_summary`, every class of a multi-label run
 -   :func:`list_runs`, :func:`get_run`, :func:`delete_run`: the runs
     registered on a dataset; :func:`set_heatmap_scale`: heatmaps coloured
     per map or on one dataset-wide scale
@@ -116,6 +118,8 @@ def compute_cams(
     store_logits=False,
     class_map=None,
     label_rule=None,
+    multilabel=False,
+    threshold=0.5,
     progress=None,
 ):
     """Computes predictions and class activation maps for every sample.
@@ -253,8 +257,29 @@ def compute_cams(
         label_rule (None): how an image labelled with objects gets its
             class: ``"largest"`` (the default), its largest object's class
             among those the class map covers (boxes by area, closed or
-            filled polylines by polygon area). ``"all"`` (every object's
-            class as a multi-label target) is not supported yet
+            filled polylines by polygon area); ``"all"``, every object's
+            class a label of the image, is the rule of multi-label runs
+            (the only one they take, and their default)
+        multilabel (False): the model is multi-label (independent sigmoid
+            scores, e.g. trained with ``BCEWithLogitsLoss``). Then
+            ``pred_field`` is an ``fo.Classifications`` of every class whose
+            probability reaches ``threshold`` (most probable first, possibly
+            none); each class gets its own ``fo.Heatmap`` field
+            ``<heatmap_field>_<class>`` (as ``targets=["class:<name>"]``
+            names it), holding a map for the samples that are predicted or
+            labelled with the class, with the class's probability in the
+            heatmap's ``confidence``; ``targets`` may only name classes
+            (default: all, at most 256). The ground truth is an
+            ``fo.Classifications`` (or ``fo.Classification``) field, or
+            objects (each object's class is a label, ``label_rule="all"``);
+            the labels the run judged by are stored in
+            ``<heatmap_field>_gt_labels``. Measure each class's maps
+            against that class's objects with
+            :func:`compute_label_attention`; :func:`attention_views` and
+            :func:`class_summary` take a class's field, and
+            :func:`label_summary` ranks every class. No ``class_map`` yet
+        threshold (0.5): the probability from which a multi-label run
+            predicts a class
         progress (None): True/False for a progress bar, or a callback
             receiving the ``fiftyone.core.utils.ProgressBar``
 
@@ -414,6 +439,60 @@ def iter_compute_attention(samples, heatmap_field="cam", region_field=None, **kw
     return (yield from sharding.steps(attention.AttentionRunType(samples, *args, **params), options))
 
 
+def compute_label_attention(samples, region_field, heatmap_field="cam", *, classes=None, **kwargs):
+    """:func:`compute_attention` for each class of a multi-label CAM run
+    (``compute_cams(multilabel=True)``): each class's heatmap field is
+    measured against the objects of that class in ``region_field`` (a
+    sample labelled with no such object gets ``object_area`` 0 and is left
+    out of the views that compare with objects).
+
+    Args:
+        samples: the dataset or view of the CAM run
+        region_field: the labelled objects (as for :func:`compute_attention`)
+        heatmap_field ("cam"): the ``heatmap_field`` the CAM run was given
+        classes (None): the classes to measure; default all of the run's
+        **kwargs: the other arguments of :func:`compute_attention` (one run
+            per class, keyed ``<class field>_attention``)
+
+    Returns:
+        a dict from class name to its :class:`~cam_plugin.runs.base.RunSummary`
+    """
+    if "run_key" in kwargs:
+        raise CamError(
+            "compute_label_attention makes one run per class, keyed <class field>_attention; "
+            "it takes no run_key"
+        )
+    class_fields = _label_fields(samples, heatmap_field)
+    if classes is not None:
+        unknown = [c for c in classes if c not in class_fields]
+        if unknown:
+            raise CamError(
+                f"{', '.join(map(repr, unknown))}: not a class of the multi-label run of "
+                f"'{heatmap_field}' ({', '.join(list(class_fields)[:10])} ...)"
+            )
+        class_fields = {c: class_fields[c] for c in classes}
+    return {
+        name: compute_attention(samples, field, region_field, **kwargs)
+        for name, field in class_fields.items()
+        if samples.exists(field).limit(1).count()
+    }
+
+
+def _label_fields(samples, heatmap_field):
+    """The class -> heatmap field map of the multi-label CAM run given
+    ``heatmap_field``."""
+    from . import runs
+
+    for key in runs.list_runs(samples, runs.CAM_RUN):
+        config = runs.get_run(samples, key, derive=False)
+        if config.get("multilabel") and config.get("heatmap_field") == heatmap_field:
+            return dict(config["class_fields"])
+    raise CamError(
+        f"No multi-label CAM run made the heatmaps of '{heatmap_field}' on this dataset: "
+        "run compute_cams(..., multilabel=True) first"
+    )
+
+
 def metric_field(heatmap_field, metric):
     """The field :func:`compute_attention` writes a metric of a heatmap
     field to: ``<heatmap_field>_<metric>`` (``metric`` e.g.
@@ -433,6 +512,7 @@ def attention_views(
     object_focus=0.4,
     max_object_area=0.6,
     confidence=0.8,
+    border_energy=0.6,
     save=True,
 ):
     """The views that find where the model looked at the wrong place.
@@ -453,6 +533,17 @@ def attention_views(
     -   ``qa_unlabelled_attention``: confident, the peak outside every
         labelled object and focus < ``background_focus`` (an object may be
         missing from the labels)
+    -   ``border_attention``: at least ``border_energy`` of the map's mass
+        on the image's border band (a watermark, a frame, padding)
+
+    A run without ground truth gets the last two only. For one class's
+    field of a multi-label run (``compute_cams(multilabel=True)``), the
+    views judge that class: wrong is labelled but not predicted or
+    predicted but not labelled, confidence is the class's probability,
+    ``qa_confident_disagreement`` is labelled, looked at, and given a
+    probability of at most ``1 - confidence``, and ``qa_unlabelled_attention``
+    is predicted with confidence where no object of the class is labelled
+    or the peak is off every one of them.
 
     Returns:
         a dict from view name to ``fo.DatasetView``
@@ -460,7 +551,9 @@ def attention_views(
     from .views import Thresholds
     from .views import attention_views as build
 
-    thresholds = Thresholds(background_focus, object_focus, max_object_area, confidence)
+    thresholds = Thresholds(
+        background_focus, object_focus, max_object_area, confidence, border_energy=border_energy
+    )
     return build(samples, heatmap_field, label_field, pred_field, thresholds, save=save)
 
 
@@ -497,6 +590,22 @@ def class_summary(
         background_focus=background_focus, max_object_area=max_object_area, min_samples=min_samples
     )
     return summarise(samples, heatmap_field, label_field, pred_field, thresholds)
+
+
+def label_summary(samples, heatmap_field="cam", *, background_focus=0.15, max_object_area=0.6, min_samples=5):
+    """:func:`class_summary` for every class of a multi-label CAM run
+    (``compute_cams(multilabel=True, heatmap_field=...)``), ranked together:
+    per class, over the samples labelled with it, how often its map falls
+    off that class's objects, and its recall (``accuracy``); each row also
+    has the class's ``heatmap_field``. Needs
+    :func:`compute_label_attention` first."""
+    from .views import Thresholds
+    from .views import label_summary as summarise
+
+    thresholds = Thresholds(
+        background_focus=background_focus, max_object_area=max_object_area, min_samples=min_samples
+    )
+    return summarise(samples, heatmap_field, thresholds)
 
 
 def class_view(
@@ -682,6 +791,35 @@ def model_layers(spec):
 def _probed_layers(probe_spec, mtime):
     # mtime: the probed file's, so that a rewritten file is probed again
     return layer_candidates(probe_spec)
+
+
+def model_classes(spec):
+    """The class names a model specification brings, without downloading
+    or unpickling anything (what a form may show while the user types): a
+    torchvision name's weights' categories, and the names of zoo, Hugging
+    Face (config cached) and timm models, from their random-weights probe.
+    None for a model without names of its own (a file, a checkpoint, a
+    torchvision architecture with ``:none``): pass ``classes`` for those.
+
+    Raises:
+        ModelError: as :func:`model_layers` (``ModelNotLocalError`` where the
+            names would need a download)
+    """
+    from .models import HF_PREFIX, TIMM_PREFIX, ZOO_PREFIX, layer_probe_spec, torchvision_categories
+
+    spec = os.fspath(spec)
+    if not spec.startswith((ZOO_PREFIX, HF_PREFIX, TIMM_PREFIX)):
+        if os.path.isfile(spec):
+            return None
+        return torchvision_categories(spec)
+    probe_spec, _ = layer_probe_spec(spec)
+    return _probed_classes(probe_spec)
+
+
+@functools.lru_cache(maxsize=32)
+def _probed_classes(probe_spec):
+    classes = load_classifier(probe_spec).classes
+    return tuple(classes) if classes else None
 
 
 def torchvision_classifiers():

@@ -29,10 +29,15 @@ class FramedMap:
 
 @dataclass
 class SampleResult:
+    """One sample's prediction (the arg-max class and its softmax
+    probability), logits, maps by target name, and for a multi-label run
+    every class's sigmoid probability."""
+
     pred: int
     confidence: float
     logits: np.ndarray
     maps: dict
+    probabilities: np.ndarray = None
 
 
 def _gt_tensor(gt, device):
@@ -58,7 +63,7 @@ def best_candidate(logits, candidates):
     return torch.where(valid.any(1), best, torch.full_like(best, -1))
 
 
-def compute_batch(extractor, group, gt, picks, heatmap_size, device):
+def compute_batch(extractor, group, gt, picks, heatmap_size, device, multilabel=False):
     """Predictions and framed, quantised maps of a batch of loaded samples.
 
     Args:
@@ -72,6 +77,8 @@ def compute_batch(extractor, group, gt, picks, heatmap_size, device):
             class indices
         heatmap_size: the longest side of the framed maps
         device: the device to run on
+        multilabel (False): also return each class's sigmoid probability
+            (the scores of a multi-label model are independent logits)
 
     Returns:
         a list of :class:`SampleResult`, one per item; a target a sample has
@@ -84,6 +91,9 @@ def compute_batch(extractor, group, gt, picks, heatmap_size, device):
     result = extractor(x, target_fns)
 
     conf, pred = torch.softmax(result.logits, dim=1).max(dim=1)
+    probabilities = [None] * len(items)
+    if multilabel:
+        probabilities = list(torch.sigmoid(result.logits).cpu().numpy())
     logits = result.logits.cpu().numpy()
     pred = pred.cpu().tolist()
     conf = conf.cpu().tolist()
@@ -105,5 +115,5 @@ def compute_batch(extractor, group, gt, picks, heatmap_size, device):
                 )
 
     return [
-        SampleResult(pred[i], conf[i], logits[i], maps[i]) for i in range(len(items))
+        SampleResult(pred[i], conf[i], logits[i], maps[i], probabilities[i]) for i in range(len(items))
     ]

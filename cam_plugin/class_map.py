@@ -34,9 +34,11 @@ import math
 import os
 from dataclasses import dataclass, field
 
-#: how an image labelled with objects gets its class; ``"all"`` (every
-#: object's class as a multi-label target) is not supported yet
-LABEL_RULES = ("largest",)
+#: how an image labelled with objects gets its class: ``"largest"``, its
+#: largest object's (a single-label model), or ``"all"``, every object's
+#: class, each a target of its own (a multi-label model, see
+#: :func:`image_classes`)
+LABEL_RULES = ("largest", "all")
 
 
 class ClassMapError(ValueError):
@@ -289,13 +291,20 @@ def image_class(labels, areas, class_map, rule="largest"):
         class_map: a :class:`ClassMap`
         rule ("largest"): one of :data:`LABEL_RULES`
     """
-    if rule not in LABEL_RULES:
-        raise ClassMapError(f"Unknown label rule {rule!r}: use one of {', '.join(LABEL_RULES)}")
+    if rule != "largest":
+        raise ClassMapError(f"Unknown label rule {rule!r} for one image class: use 'largest'")
     best, best_area = None, -1.0
     for label, area in zip(labels, areas):
         if area is not None and label in class_map and area > best_area:
             best, best_area = label, area
     return best
+
+
+def image_classes(labels, areas, class_map):
+    """The classes of an image labelled with objects under ``"all"``: the
+    labels of its objects whose class ``class_map`` covers, each once, in
+    sorted order (objects whose area is None are no objects)."""
+    return tuple(sorted({l for l, a in zip(labels, areas) if a is not None and l in class_map}))
 
 
 def _unique(pairs, source):

@@ -448,6 +448,23 @@ def _load_from_string(spec, trust_checkpoint):
     return _load_torchvision(arch, arg or None)
 
 
+def torchvision_categories(spec):
+    """The class names ``"<torchvision name>[:<weights>]"`` would bring,
+    from the weights' metadata (nothing is downloaded); None for random
+    weights, a checkpoint path, or a model torchvision does not have."""
+    arch, arg, path = _split_spec(spec)
+    if path is not None or arch == "cifar10_resnet20":
+        return list(CIFAR10_CLASSES) if arch == "cifar10_resnet20" else None
+    if arch not in torchvision_classifier_names() or _is_none(arg):
+        return None
+    enum = torchvision.models.get_model_weights(arch)
+    try:
+        weight = enum.DEFAULT if not arg else enum[arg]
+    except KeyError:
+        return None
+    return list(weight.meta.get("categories") or []) or None
+
+
 def _load_torchvision(name, weights):
     names = torchvision_classifier_names()
     if name not in names:

@@ -20,6 +20,17 @@ and ``<heatmap_field>_correct``). Samples whose labels map to nothing are
 left out of the views that compare with the ground truth, kept in
 ``qa_unlabelled_attention`` (which needs none) and counted by the
 summary's ``unmapped``.
+
+A run without ground truth gets the views that need none
+(:data:`GROUND_TRUTH_FREE_VIEWS`): where a confident prediction looked
+outside every labelled object, and attention on the image's border.
+
+A multi-label run (``compute_cams(multilabel=True)``) has one heatmap field
+per class, and each is a view set of its own: for the class ``c`` of the
+field, a sample is *labelled* when ``c`` is among its ground-truth labels
+and *predicted* when its probability reaches the run's threshold; wrong is
+labelled but not predicted (a miss) or predicted but not labelled, and
+the region is the objects of class ``c`` (:func:`cam_plugin.compute_label_attention`).
 """
 
 from collections import defaultdict
@@ -51,6 +62,9 @@ class Thresholds:
             "confident" in the annotation-QA views
         min_samples: the per-class summary ranks classes with fewer
             measured samples last: one sample at 100% says little
+        border_energy: a map with at least this share of its mass in the
+            image's border band (10% of each side) is "on the border"; a
+            uniform map puts 36% there
     """
 
     background_focus: float = 0.15
@@ -58,6 +72,7 @@ class Thresholds:
     max_object_area: float = 0.6
     confidence: float = 0.8
     min_samples: int = 5
+    border_energy: float = 0.6
 
 
 def wilson_interval(k, n, z=1.96):
@@ -83,7 +98,12 @@ VIEW_DESCRIPTIONS = {
     "at the object: check the label",
     "qa_unlabelled_attention": "Confident prediction whose attention peak is outside every "
     "labelled object and mostly off them: an object may be missing from the labels",
+    "border_attention": "Attention mostly on the image's border: a watermark, a frame, padding "
+    "or a caption may be the cue",
 }
+
+#: the views built for a heatmap field whose run had no ground truth
+GROUND_TRUTH_FREE_VIEWS = ("qa_unlabelled_attention", "border_attention")
 
 
 @dataclass(frozen=True)
@@ -103,6 +123,11 @@ class AttentionField:
             its field of each image's class); None otherwise
         source_field: the labels a run with a class map read its
             ground truth from (``label_field`` of compute_cams), or None
+        label_class: for one class's field of a multi-label run, that
+            class (``label_field`` is then the run's
+            ``<heatmap_field>_gt_labels``); None otherwise
+        summary_problem: why :func:`class_summary` cannot use it (it needs
+            ground truth), or None when it can
     """
 
     heatmap_field: str
@@ -111,10 +136,18 @@ class AttentionField:
     problem: str = None
     correct_field: str = None
     source_field: str = None
+    label_class: str = None
+    summary_problem: str = None
 
     @property
     def usable(self):
+        """Whether the views can use it."""
         return self.problem is None
+
+    @property
+    def summarisable(self):
+        """Whether the per-class summary can use it."""
+        return self.problem is None and self.summary_problem is None
 
 
 def _attention_config(samples, heatmap_field):
@@ -133,18 +166,29 @@ def describe_field(samples, heatmap_field, label_field=None, pred_field=None):
     owner = runs.field_owners(samples).get(heatmap_field)
     config = runs.get_run(samples, owner, derive=False) if owner else {}
     measured = _attention_config(samples, heatmap_field)
-    correct_field = source_field = None
-    if config.get("correct_field") and label_field in (
+    correct_field = source_field = label_class = None
+    if config.get("multilabel"):
+        class_fields = config.get("class_fields") or {}
+        label_class = next((c for c, f in class_fields.items() if f == heatmap_field), None)
+        if label_field in (None, config.get("label_field")):
+            # the labels the run judged by (None for a run without any)
+            label_field = config.get("gt_class_field")
+    elif config.get("correct_field") and label_field in (
         None, config.get("label_field"), config.get("gt_class_field")
     ):
         # judged by the run's class map: its stored classes and verdicts
         correct_field, source_field = config["correct_field"], config.get("label_field")
         label_field = config.get("gt_class_field")
-    label_field = label_field or config.get("label_field") or measured.get("label_field")
+    if not config.get("multilabel"):
+        label_field = label_field or config.get("label_field") or measured.get("label_field")
     pred_field = pred_field or config.get("pred_field")
+    no_truth = None
 
     def field(problem):
-        return AttentionField(heatmap_field, label_field, pred_field, problem, correct_field, source_field)
+        return AttentionField(
+            heatmap_field, label_field, pred_field, problem, correct_field, source_field,
+            label_class, no_truth,
+        )
 
     if heatmap_field not in schema:
         return field(f"'{heatmap_field}' is not a field of this dataset")
@@ -154,12 +198,13 @@ def describe_field(samples, heatmap_field, label_field=None, pred_field=None):
             f"'Compute attention metrics' (compute_attention) on it with a region field"
         )
     if label_field is None:
-        return field(
-            f"'{heatmap_field}' was computed without ground truth, and the views compare "
+        # the views that need no ground truth still work
+        no_truth = (
+            f"'{heatmap_field}' was computed without ground truth, and the summary compares "
             "predictions with it: compute the maps again with a ground-truth field "
             "(compute_cams(label_field=...)), or pass label_field"
         )
-    if label_field not in schema:
+    elif label_field not in schema:
         return field(f"the ground-truth field '{label_field}' of '{heatmap_field}' no longer exists")
     if pred_field is None:
         return field(
@@ -191,50 +236,108 @@ def attention_fields(samples):
     return sorted(described, key=lambda f: (not f.usable, f.heatmap_field))
 
 
-def _fields(samples, heatmap_field, label_field, pred_field):
+def _fields(samples, heatmap_field, label_field, pred_field, summary=False):
     field = describe_field(samples, heatmap_field, label_field, pred_field)
-    if field.problem:
-        raise ViewsError(field.problem[0].upper() + field.problem[1:])
+    problem = field.problem or (field.summary_problem if summary else None)
+    if problem:
+        raise ViewsError(problem[0].upper() + problem[1:])
     return field
 
 
-def _expressions(heatmap_field, label_field, pred_field, t, correct_field=None):
+def _expressions(field, t):
+    """The query expressions the views are made of, for one
+    :class:`AttentionField` under the thresholds ``t``."""
+    heatmap_field, label_field, pred_field = field.heatmap_field, field.label_field, field.pred_field
     energy = F(metric_field(heatmap_field, "object_energy"))
     area = F(metric_field(heatmap_field, "object_area"))
     hit = F(metric_field(heatmap_field, "pointing_hit"))
-    # focus < x  <=>  energy < area + x * (1 - area), with no division
-    return {
-        "measured": (energy != None) & (area != None) & (area <= t.max_object_area),
+    border = F(metric_field(heatmap_field, "border_energy"))
+    e = {
+        # focus < x  <=>  energy < area + x * (1 - area), with no division
+        "measured": (energy != None) & (area != None) & (area <= t.max_object_area),  # noqa: E711
         "background": energy < area + t.background_focus * (1 - area),
         "on_object": energy >= area + t.object_focus * (1 - area),
-        "wrong": (F(correct_field) == False)  # noqa: E712 (a query expression)
-        if correct_field
-        else F(f"{pred_field}.label") != F(f"{label_field}.label"),
-        "right": (F(correct_field) == True)  # noqa: E712
-        if correct_field
-        else F(f"{pred_field}.label") == F(f"{label_field}.label"),
-        "confident": F(f"{pred_field}.confidence") >= t.confidence,
         "missed": hit == False,  # noqa: E712 (a query expression)
+        "border": border >= t.border_energy,
     }
+    if field.label_class is not None:
+        # one class of a multi-label run: the class's probability is on
+        # its heatmap; a sample without an object of the class has area 0
+        c = field.label_class
+        labelled = F(f"{label_field}.classifications").filter(F("label") == c).length() > 0
+        predicted = F(f"{pred_field}.classifications").filter(F("label") == c).length() > 0
+        e.update(
+            measured=e["measured"] & (area > 0),
+            labelled=labelled,
+            wrong=labelled != predicted,
+            right=labelled & predicted,
+            confident=F(f"{heatmap_field}.confidence") >= t.confidence,
+            # the model is sure the labelled class is not there
+            confident_absent=labelled & ~predicted & (F(f"{heatmap_field}.confidence") <= 1 - t.confidence),
+        )
+        return e
+    correct = field.correct_field
+    e["confident"] = F(f"{pred_field}.confidence") >= t.confidence
+    if label_field is None:
+        return e
+    e["wrong"] = (
+        (F(correct) == False) if correct  # noqa: E712
+        else F(f"{pred_field}.label") != F(f"{label_field}.label")
+    )
+    e["right"] = (
+        (F(correct) == True) if correct  # noqa: E712
+        else F(f"{pred_field}.label") == F(f"{label_field}.label")
+    )
+    e["confident_disagreement"] = e["wrong"] & e["confident"]
+    return e
 
 
 def build_views(samples, heatmap_field="cam", label_field=None, pred_field=None, thresholds=None):
-    """The attention views, unsaved: a dict from view name to view."""
+    """The attention views, unsaved: a dict from view name to view (the
+    names of :data:`VIEW_DESCRIPTIONS`; only those of
+    :data:`GROUND_TRUTH_FREE_VIEWS` for a field without ground truth)."""
     t = thresholds or Thresholds()
     field = _fields(samples, heatmap_field, label_field, pred_field)
     label_field, pred_field = field.label_field, field.pred_field
-    e = _expressions(heatmap_field, label_field, pred_field, t, field.correct_field)
-    base = samples.exists(label_field).exists(pred_field).match(e["measured"])
-    # needs no image class: with a class map, the samples whose labels map
-    # to nothing are measured against their boxes all the same
-    unjudged = samples.exists(pred_field).match(e["measured"]) if field.correct_field else base
-    return {
-        "misclassified_background": base.match(e["wrong"] & e["background"]),
-        "misclassified_on_object": base.match(e["wrong"] & e["on_object"]),
-        "correct_background": base.match(e["right"] & e["background"]),
-        "qa_confident_disagreement": base.match(e["wrong"] & e["confident"] & e["on_object"]),
-        "qa_unlabelled_attention": unjudged.match(e["confident"] & e["missed"] & e["background"]),
-    }
+    e = _expressions(field, t)
+    # (metrics imply the map they were measured on)
+    predicted = samples.exists(pred_field)
+    views = {}
+    if label_field is not None:
+        base = samples.exists(label_field).exists(pred_field).match(e["measured"])
+        views = {
+            "misclassified_background": base.match(e["wrong"] & e["background"]),
+            "misclassified_on_object": base.match(e["wrong"] & e["on_object"]),
+            "correct_background": base.match(e["right"] & e["background"]),
+        }
+        if field.label_class is not None:
+            # labelled, looked at the object, and sure it is not there
+            views["qa_confident_disagreement"] = base.match(e["confident_absent"] & e["on_object"])
+        else:
+            views["qa_confident_disagreement"] = base.match(e["confident_disagreement"] & e["on_object"])
+    if field.label_class is not None:
+        # a confident class with no labelled object of it, or whose peak is
+        # off every one of them: an object may be missing from the labels
+        unlabelled = samples.exists(pred_field).exists(heatmap_field).match(e["confident"])
+        off = e["measured"] & e["missed"] & e["background"]
+        if label_field is not None:
+            # (the stored labels of every computed sample; None where the
+            # sample has no labels at all, or they could not be read)
+            unlabelled = unlabelled.exists(label_field).match(~e["labelled"] | off)
+        else:
+            # no ground truth: the peak is off every labelled object of the
+            # class, or there is none of them
+            area = F(metric_field(heatmap_field, "object_area"))
+            unlabelled = unlabelled.match((area == 0) | off)
+        views["qa_unlabelled_attention"] = unlabelled
+    else:
+        # needs no image class: with a class map, the samples whose labels
+        # map to nothing are measured against their boxes all the same
+        views["qa_unlabelled_attention"] = predicted.match(
+            e["measured"] & e["confident"] & e["missed"] & e["background"]
+        )
+    views["border_attention"] = predicted.match(e["border"])
+    return views
 
 
 def saved_view_name(heatmap_field, name):
@@ -328,13 +431,26 @@ def class_summary(samples, heatmap_field="cam", label_field=None, pred_field=Non
         ``mean_focus``, ``mean_object_energy``, ``accuracy`` and
         ``misclassified_background`` (count), as a :class:`ClassSummary`
         whose ``unmapped`` counts the samples a class map judged in no
-        class
+        class. For one class's field of a multi-label run, the one row of
+        that class over the samples labelled with it (``accuracy`` is then
+        its recall); :func:`label_summary` ranks every class
     """
     t = thresholds or Thresholds()
-    field = _fields(samples, heatmap_field, label_field, pred_field)
+    field = _fields(samples, heatmap_field, label_field, pred_field, summary=True)
     label_field, pred_field, correct_field = field.label_field, field.pred_field, field.correct_field
-    e = _expressions(heatmap_field, label_field, pred_field, t, correct_field)
+    e = _expressions(field, t)
     measured = samples.exists(label_field).exists(pred_field).match(e["measured"])
+    if field.label_class is not None:
+        c = field.label_class
+        predicted, energy, area = measured.match(e["labelled"]).values(
+            [
+                f"{pred_field}.classifications.label",
+                metric_field(heatmap_field, "object_energy"),
+                metric_field(heatmap_field, "object_area"),
+            ]
+        )
+        rows = _summary_rows([c] * len(energy), [c in (p or []) for p in predicted], energy, area, t)
+        return ClassSummary(rows)
     gt, pred, energy, area, *verdicts = measured.values(
         [
             f"{label_field}.label",
@@ -345,7 +461,12 @@ def class_summary(samples, heatmap_field="cam", label_field=None, pred_field=Non
         + ([correct_field] if correct_field else [])
     )
     right = verdicts[0] if correct_field else [p == g for p, g in zip(pred, gt)]
+    return ClassSummary(_summary_rows(gt, right, energy, area, t), *_unmapped(samples, field))
 
+
+def _summary_rows(gt, right, energy, area, t):
+    """The ranked rows of :func:`class_summary` from each measured sample's
+    class, verdict, object energy and object area."""
     by_class = defaultdict(list)
     for g, r, en, ar in zip(gt, right, energy, area):
         by_class[g].append((bool(r), en, ar))
@@ -378,25 +499,72 @@ def class_summary(samples, heatmap_field="cam", label_field=None, pred_field=Non
             }
         )
 
-    rows.sort(
-        key=lambda r: (
-            not r["enough_samples"],
-            -r["off_object_low"],
-            -r["off_object_share"],
-            r["mean_focus"],
-            r["class"],
-        )
+    rows.sort(key=_rank)
+    return rows
+
+
+def _rank(row):
+    return (
+        not row["enough_samples"],
+        -row["off_object_low"],
+        -row["off_object_share"],
+        row["mean_focus"],
+        row["class"],
     )
-    return ClassSummary(rows, *_unmapped(samples, field))
+
+
+def label_summary(samples, heatmap_field="cam", thresholds=None):
+    """:func:`class_summary` for every class of a multi-label run, ranked
+    together: per class, over the samples labelled with it, how often its
+    map falls off its objects, and its recall (``accuracy``). Each row
+    also names the class's ``heatmap_field``. Classes whose field has no
+    attention metrics yet (:func:`cam_plugin.compute_label_attention`) are
+    left out.
+
+    Args:
+        heatmap_field ("cam"): the ``heatmap_field`` the multi-label CAM run
+            was given
+    """
+    from .runs import CAM_RUN, get_run, list_runs
+
+    for key in list_runs(samples, CAM_RUN):
+        config = get_run(samples, key, derive=False)
+        if config.get("multilabel") and config.get("heatmap_field") == heatmap_field:
+            break
+    else:
+        raise ViewsError(
+            f"No multi-label CAM run made the heatmaps of '{heatmap_field}': for a "
+            "single-label run, use class_summary"
+        )
+    schema = samples.get_field_schema()
+    rows = []
+    for field in config["class_fields"].values():
+        if metric_field(field, "object_energy") in schema:
+            for row in class_summary(samples, field, thresholds=thresholds):
+                rows.append(dict(row, heatmap_field=field))
+    if not rows and not any(metric_field(f, "object_energy") in schema for f in config["class_fields"].values()):
+        raise ViewsError(
+            f"No class of '{heatmap_field}' has attention metrics on objects yet: run "
+            "compute_label_attention with a region field"
+        )
+    rows.sort(key=_rank)
+    return ClassSummary(rows)
 
 
 def class_view(samples, heatmap_field, label_field, pred_field, class_name, thresholds=None):
     """The samples of one ground-truth class whose attention is off the
     object (what a bar of the summary plot opens)."""
     t = thresholds or Thresholds()
-    field = _fields(samples, heatmap_field, label_field, pred_field)
+    field = _fields(samples, heatmap_field, label_field, pred_field, summary=True)
     label_field, pred_field = field.label_field, field.pred_field
-    e = _expressions(heatmap_field, label_field, pred_field, t, field.correct_field)
+    e = _expressions(field, t)
+    if field.label_class is not None:
+        if class_name != field.label_class:
+            return samples.limit(0)
+        return (
+            samples.exists(label_field).exists(pred_field)
+            .match(e["labelled"] & e["measured"] & e["background"])
+        )
     return (
         samples.match(F(f"{label_field}.label") == class_name)
         .exists(pred_field)

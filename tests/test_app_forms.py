@@ -58,15 +58,14 @@ def test_attention_fields_say_which_heatmaps_the_views_can_use(two_runs):
         "ground_truth",
         "withgt_prediction",
     )
-    assert not described["cam"].usable
-    assert "without ground truth" in described["cam"].problem
-    # usable fields first
-    assert [f.heatmap_field for f in cam_plugin.attention_fields(two_runs)][0] == "withgt"
+    # without ground truth: the views that need none, no summary
+    assert described["cam"].usable and not described["cam"].summarisable
+    assert "without ground truth" in described["cam"].summary_problem
+    assert described["withgt"].summarisable
 
 
-@pytest.mark.parametrize("op_name", ["attention_views", "class_attention_summary"])
-def test_views_and_summary_forms_offer_only_usable_fields(two_runs, op_name):
-    props = _form(op_name, two_runs)
+def test_summary_form_offers_only_fields_with_ground_truth(two_runs):
+    props = _form("class_attention_summary", two_runs)
     heatmap = props["heatmap_field"]
     # before: the default was "cam", which has no ground truth
     assert heatmap["default"] == "withgt"
@@ -77,8 +76,30 @@ def test_views_and_summary_forms_offer_only_usable_fields(two_runs, op_name):
     assert "without ground truth" in props["unusable"]["view"]["description"]
 
     # a caller who names it anyway is told why in the form
-    errors = _errors(_form(op_name, two_runs, heatmap_field="cam"))
+    errors = _errors(_form("class_attention_summary", two_runs, heatmap_field="cam"))
     assert "without ground truth" in errors["heatmap_field"]
+
+
+def test_views_form_offers_a_field_without_ground_truth_its_views(two_runs):
+    props = _form("attention_views", two_runs)
+    assert [c["value"] for c in props["heatmap_field"]["view"]["choices"]] == ["cam", "withgt", "withgt_gt"]
+    assert "unusable" not in props and not _errors(props)
+    # "cam" has boxes but no ground truth: the views that need none
+    views = [c["value"] for c in props["open_view"]["view"]["choices"]]
+    assert views == list(cam_plugin.views.GROUND_TRUTH_FREE_VIEWS)
+    assert "Without ground truth" in props["ground_truth_free"]["view"]["label"]
+    views = [c["value"] for c in _form("attention_views", two_runs, heatmap_field="withgt")["open_view"]["view"]["choices"]]
+    assert views == list(cam_plugin.VIEW_DESCRIPTIONS)
+
+    # run: the views that need no ground truth are saved and one is opened
+    # (not the default misclassified_background, which it has not)
+    result = _execute("attention_views", two_runs, heatmap_field="cam")
+    assert {c["view"] for c in result["counts"]} == {"cam_qa_unlabelled_attention", "cam_border_attention"}
+    assert result["opened"] == "qa_unlabelled_attention"
+    assert set(two_runs.list_saved_views()) >= {"cam_qa_unlabelled_attention", "cam_border_attention"}
+    # the form refuses a view the field has not
+    with pytest.raises(Exception, match="open_view"):
+        _execute("attention_views", two_runs, heatmap_field="cam", open_view="misclassified_background")
 
 
 def _app_requests(result):

@@ -236,7 +236,7 @@ def test_detections_as_ground_truth_judge_and_map_like_the_classification(cifar_
     assert (summary.processed, summary.failed) == (20, 0)
     assert dataset.first().boxless_gt_class is None
 
-    with pytest.raises(cam_plugin.CamError, match="label_rule='all'.*not supported yet"):
+    with pytest.raises(cam_plugin.CamError, match="label_rule=.all.*multilabel=True"):
         cam_plugin.compute_cams(dataset, model, label_field="objects", heatmap_field="all",
                                 label_rule="all", **common)
     with pytest.raises(cam_plugin.CamError, match="fo.Detections / fo.Polylines"):

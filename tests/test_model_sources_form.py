@@ -65,6 +65,9 @@ def test_a_zoo_classifier_gets_its_layers_without_a_download(dataset):
     props = _form(dataset, model_source="zoo", zoo_model="resnet18-imagenet-torch")
     assert _errors(props) == {}
     assert props["target_layer"]["default"] == "layer4"
+    # its class names, shown before anything runs
+    assert props["model_classes"]["view"]["label"] == "Classes from the model: 1000"
+    assert props["model_classes"]["view"]["description"].startswith("tench, goldfish")
     after = set(os.listdir(zoo_dir)) if os.path.isdir(zoo_dir) else set()
     assert after == before, "the form downloaded a zoo model"
 
@@ -80,6 +83,7 @@ def test_a_timm_name_is_completed_and_checked(dataset):
     assert "resnet18.a1_in1k" in choices and all("resnet18.a1" in c for c in choices)
     props = _form(dataset, model_source="timm", timm_model="resnet18.a1_in1k")
     assert _errors(props) == {} and props["target_layer"]["default"] == "layer4"
+    assert props["model_classes"]["view"]["label"] == "Classes from the model: 1000"
 
     props = _form(dataset, model_source="timm", timm_model="resnet18_but_not")
     assert "is not a timm model" in props["layer_error"]["view"]["description"]
@@ -111,6 +115,8 @@ def test_a_hugging_face_model_from_the_form(dataset, tmp_path):
     props = _form(dataset, model_source="huggingface", hf_model=str(tmp_path))
     assert _errors(props) == {}
     assert props["target_layer"]["default"] == "vit.layers.1.layernorm_before"
+    assert props["model_classes"]["view"]["label"] == f"Classes from the model: {len(CIFAR)}"
+    assert props["model_classes"]["view"]["description"].startswith("airplane, automobile")
 
     params = dict(model_source="huggingface", hf_model=str(tmp_path), heatmap_field="vit_cam", pred_field="vit_pred")
     result = foo.execute_operator(COMPUTE_CAMS, ctx=dict(dataset=dataset, params=params))
@@ -120,6 +126,19 @@ def test_a_hugging_face_model_from_the_form(dataset, tmp_path):
     # the model's id2label names, not output indices
     assert set(dataset.distinct("vit_pred.label")) <= set(CIFAR)
     assert cam_plugin.get_run(dataset, "vit_cam")["model_spec"] == f"hf:{tmp_path}"
+
+
+def test_torchvision_names_show_their_weights_classes_and_files_none(dataset, tmp_path):
+    props = _form(dataset, model_source="torchvision", torchvision_model="resnet18")
+    assert props["model_classes"]["view"]["label"] == "Classes from the model: 1000"
+    assert cam_plugin.model_classes("resnet18:none") is None
+    assert cam_plugin.model_classes("resnet18") == cam_plugin.imagenet_classes()
+    path = tmp_path / "net.pt"
+    torch.jit.script(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1),
+                                         torch.nn.Flatten())).save(str(path))
+    # a file brings no names: the form asks for them instead
+    props = _form(dataset, model_source="file", model_path=str(path))
+    assert "model_classes" not in props and "class_names_source" in props
 
 
 def test_values_of_hidden_inputs_do_not_reach_the_run():

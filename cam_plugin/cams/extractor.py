@@ -283,8 +283,20 @@ class CamExtractor:
                 self.chunk_size,
                 self.inference_models,
             )
-            maps = spec.fn(ctx, safe_classes)
-            maps = torch.nan_to_num(maps.float(), nan=0.0).clamp_min_(0)
+            # a target no row of the batch has a class for costs nothing (a
+            # multi-label run asks for every class, each sample needs few)
+            active = valid.any(0)
+            if not bool(active[0]):
+                active[0] = True  # one column computed gives the maps' size
+            active_maps = spec.fn(ctx, safe_classes[:, active])
+            active_maps = torch.nan_to_num(active_maps.float(), nan=0.0).clamp_min_(0)
+            if bool(active.all()):
+                maps = active_maps
+            else:
+                maps = active_maps.new_zeros(
+                    (classes.shape[0], classes.shape[1]) + tuple(active_maps.shape[2:])
+                )
+                maps[:, active] = active_maps
             maps = maps * valid[:, :, None, None]
 
         return CamResult(

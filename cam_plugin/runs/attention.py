@@ -114,7 +114,14 @@ class AttentionRunType(RunType):
             raise AttentionError(f"'{gt_heatmap_field}' is not an fo.Heatmap field")
         self.gt_heatmap_field = gt_heatmap_field
 
-        if label_field is None or label_field == cam_config.get("label_field"):
+        # a multi-label run's field of one class: its region is that
+        # class's objects (region_classes="gt"), whatever else is labelled
+        self.label_class = next(
+            (c for c, f in (cam_config.get("class_fields") or {}).items() if f == heatmap_field), None
+        ) if cam_config.get("multilabel") else None
+        if self.label_class is not None and label_field in (None, cam_config.get("label_field")):
+            label_field = None
+        elif label_field is None or label_field == cam_config.get("label_field"):
             # a run judging by a class map or by objects stores each image's
             # class in a field of its own: the objects of that class are
             # the region
@@ -171,6 +178,7 @@ class AttentionRunType(RunType):
             "region_field": self.region_field,
             "label_field": self.label_field,
             "region_classes": self.region_classes,
+            "label_class": self.label_class,
             "mask_values": sorted(self.mask_values) if self.mask_values is not None else None,
             "heatmap_threshold": self.heatmap_threshold,
             "tolerance": self.tolerance,
@@ -276,6 +284,8 @@ class AttentionRunType(RunType):
 
         if self.region_classes == "all":
             classes = None
+        elif self.region_classes == "gt" and self.label_class is not None:
+            classes = {self.label_class}
         elif self.region_classes == "gt":
             gt = data[f"{self.label_field}.label"][i] if self.label_field else None
             classes = default_region_classes(gt, region_labels(label, self.mask_targets))

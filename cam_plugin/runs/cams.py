@@ -14,7 +14,14 @@ import fiftyone as fo
 from .. import appearance
 from ..batches import best_candidate, compute_batch
 from ..cams import CamError, CamExtractor
-from ..class_map import LABEL_RULES, ClassMap, ClassMapError, image_class, object_area
+from ..class_map import (
+    LABEL_RULES,
+    ClassMap,
+    ClassMapError,
+    image_class,
+    image_classes,
+    object_area,
+)
 from ..engine import BatchRunner, ErrorKind, SampleError, image_loader, run_loader
 from ..heatmaps import HEATMAP_RANGE
 from ..models import ClassNamesWarning, classes_source, input_shape_of, load_classifier
@@ -77,10 +84,7 @@ def parse_targets(targets, heatmap_field, classes, has_labels):
                     f"Target class '{name}' is not among the model's classes"
                     + (f" ({', '.join(classes[:10])}, ...)" if classes else "")
                 )
-            index = classes.index(name)
-            safe = safe_name(name, fallback=f"class{index}").lower().replace("-", "_")
-            pick = lambda logits, gt, i=index: torch.full_like(logits[:, 0], i, dtype=torch.long)
-            result.append(Target(f"class_{safe}", f"{heatmap_field}_{safe}", pick, t))
+            result.append(class_target(name, classes.index(name), heatmap_field))
         else:
             raise CamError(
                 f"Unknown target '{t}': use 'pred', 'gt', 'top<k>' or 'class:<name>'"
@@ -96,6 +100,71 @@ def parse_targets(targets, heatmap_field, classes, has_labels):
             )
         unique[t.field] = t
     return list(unique.values())
+
+
+#: the most classes a multi-label run makes fields for (one heatmap field
+#: per class): beyond it the sidebar is unusable, so the run asks for
+#: ``targets=["class:<name>", ...]``
+MAX_LABEL_FIELDS = 256
+
+
+def class_target(name, index, heatmap_field, pick=None):
+    """The target of one named class, stored in ``<heatmap_field>_<safe
+    name>`` (letters, digits and underscores only, so no class name can
+    reach outside the run's directory)."""
+    safe = safe_name(name, fallback=f"class{index}").lower().replace("-", "_")
+    if pick is None:
+        pick = lambda logits, gt, i=index: torch.full_like(logits[:, 0], i, dtype=torch.long)
+    return Target(f"class_{safe}", f"{heatmap_field}_{safe}", pick, f"class:{name}")
+
+
+def label_targets(targets, heatmap_field, classes, threshold):
+    """The targets of a multi-label run: one per class (all of the model's,
+    or those named ``"class:<name>"``), each made for a sample when the
+    class is predicted (its sigmoid probability reaches ``threshold``) or
+    in the sample's ground truth."""
+    if targets is None:
+        names = list(classes)
+    else:
+        names = []
+        for t in [targets] if isinstance(targets, str) else targets:
+            t = str(t).strip()
+            if not t.startswith("class:"):
+                raise CamError(
+                    f"Target '{t}': a multi-label run makes one map per class, for the "
+                    "samples that are predicted or labelled with it; choose classes with "
+                    "targets=['class:<name>', ...] or leave targets unset for all"
+                )
+            name = t[len("class:") :]
+            if name not in classes:
+                raise CamError(
+                    f"Target class '{name}' is not among the model's classes "
+                    f"({', '.join(classes[:10])}{', ...' if len(classes) > 10 else ''})"
+                )
+            names.append(name)
+    if len(set(names)) > MAX_LABEL_FIELDS:
+        raise CamError(
+            f"A multi-label run stores one heatmap field per class, and the model has "
+            f"{len(set(names))} classes; choose at most {MAX_LABEL_FIELDS} with "
+            "targets=['class:<name>', ...]"
+        )
+    result = {}
+    for name in names:
+        index = classes.index(name)
+
+        def pick(logits, gt, i=index):
+            wanted = (torch.sigmoid(logits[:, i].float()) >= threshold) | (gt == i).any(1)
+            return torch.where(wanted, torch.full_like(wanted, i, dtype=torch.long), -1)
+
+        target = class_target(name, index, heatmap_field, pick)
+        other = next((o for o in result.values() if o.field == target.field and o.spec != target.spec), None)
+        if other is not None:
+            raise CamError(
+                f"Classes '{other.spec[6:]}' and '{name}' would both be stored in field "
+                f"'{target.field}'; choose one of them with targets=['class:<name>', ...]"
+            )
+        result[target.spec] = target
+    return list(result.values())
 
 
 class CamRunType(RunType):
@@ -127,6 +196,8 @@ class CamRunType(RunType):
         store_logits=False,
         class_map=None,
         label_rule=None,
+        multilabel=False,
+        threshold=0.5,
     ):
         samples = check_collection(samples)
         self.samples = samples
@@ -139,6 +210,10 @@ class CamRunType(RunType):
         self.done_fields = (pred_field,)
         self.heatmap_size = heatmap_size
         self.store_logits = bool(store_logits)
+        self.multilabel = bool(multilabel)
+        self.threshold = float(threshold)
+        if self.multilabel and not 0 < self.threshold < 1:
+            raise CamError(f"threshold must be a probability between 0 and 1, not {threshold!r}")
         self.warnings = []
         self._classes_source = None if classes is None else classes_source(classes)
         self.model_spec = model if isinstance(model, (str, os.PathLike)) else None
@@ -152,10 +227,14 @@ class CamRunType(RunType):
             num_workers if num_workers is not None else min(8, max(1, (os.cpu_count() or 2) // 2))
         )
 
-        self._check_label_field(class_map, label_rule)
-        self.targets = parse_targets(
-            targets, heatmap_field, self.classifier.classes, label_field is not None
-        )
+        if self.multilabel:
+            self._check_multilabel(class_map, label_rule)
+            self.targets = label_targets(targets, heatmap_field, self.classifier.classes, self.threshold)
+        else:
+            self._check_label_field(class_map, label_rule)
+            self.targets = parse_targets(
+                targets, heatmap_field, self.classifier.classes, label_field is not None
+            )
         if self.mapped:
             for t in self.targets:
                 if t.name == "gt":
@@ -163,11 +242,15 @@ class CamRunType(RunType):
                     t.pick = best_candidate
         self.file_targets = tuple(t.name for t in self.targets)
 
-        self._fields = {pred_field: (fo.EmbeddedDocumentField, fo.Classification)}
+        prediction_type = fo.Classifications if self.multilabel else fo.Classification
+        self._fields = {pred_field: (fo.EmbeddedDocumentField, prediction_type)}
         for t in self.targets:
             self._fields[t.field] = (fo.EmbeddedDocumentField, fo.Heatmap)
         self._fields[self.error_field] = (fo.StringField, None)
         derived = {}
+        if self.multilabel and label_field is not None:
+            derived = {self.gt_class_field: (fo.EmbeddedDocumentField, fo.Classifications)}
+            self._fields.update(derived)
         if self.mapped:
             derived = {
                 self.gt_class_field: (fo.EmbeddedDocumentField, fo.Classification),
@@ -277,14 +360,15 @@ class CamRunType(RunType):
             )
 
         objects = self._label_type is not fo.Classification
+        if label_rule == "all":
+            raise CamError(
+                "label_rule='all' (every object's class a label of the image) is for a "
+                "multi-label model: pass multilabel=True (sigmoid outputs, one map per "
+                "label), or use label_rule='largest' (the image's class is its largest "
+                "object's among those the class map covers)"
+            )
         if label_rule is not None and label_rule not in LABEL_RULES:
-            if label_rule == "all":
-                raise CamError(
-                    "label_rule='all' (every object's class as a multi-label target) is not "
-                    "supported yet; use label_rule='largest' (the image's class is its "
-                    "largest object's among those the class map covers)"
-                )
-            raise CamError(f"Unknown label_rule {label_rule!r}: use 'largest'")
+            raise CamError(f"Unknown label_rule {label_rule!r}: use 'largest' or 'all'")
 
         if not objects and class_map is None:
             self._check_classification_labels(classes)
@@ -314,6 +398,61 @@ class CamRunType(RunType):
         }
         self._warn_unmapped()
 
+    def _check_multilabel(self, class_map, label_rule):
+        # a multi-label run's ground truth is a set of model classes per
+        # sample, stored (the labels it judged by) in <heatmap>_gt_labels
+        self.mapped = False
+        self.class_map = None
+        self._label_type = None
+        self.label_rule = None
+        classes = self.classifier.classes
+        if not classes:
+            raise CamError(
+                "A multi-label run makes one heatmap field per class, named after it: the "
+                "model's class names are unknown, pass classes=[...] in output order"
+            )
+        if class_map is not None:
+            raise CamError(
+                "class_map is not supported with multilabel=True yet: label the samples "
+                "with the model's class names (fo.Classifications, or objects)"
+            )
+        if label_rule not in (None, "all"):
+            raise CamError(
+                f"label_rule={label_rule!r}: a multi-label run's ground truth is every "
+                "object's class (label_rule='all')"
+            )
+        self._map = ClassMap.identity(classes)
+        self._index = {c: i for i, c in enumerate(classes)}
+        if self.label_field is None:
+            return
+        field = self.samples.get_field(self.label_field)
+        doc_type = field.document_type if isinstance(field, fo.EmbeddedDocumentField) else None
+        types = (fo.Classifications,) + LABEL_TYPES
+        if field is None:
+            raise CamError(
+                f"label_field '{self.label_field}' does not exist on dataset '{self.dataset.name}'"
+            )
+        if doc_type is None or not issubclass(doc_type, types):
+            raise CamError(
+                f"label_field '{self.label_field}' must hold fo.Classifications (the image's "
+                "labels), fo.Classification, or fo.Detections / fo.Polylines (every object's "
+                "class is a label of the image)"
+            )
+        self._label_type = next(t for t in types if issubclass(doc_type, t))
+        self.label_rule = "all" if self._label_type in (fo.Detections, fo.Polylines) else None
+        self.gt_class_field = f"{self.heatmap_field}_gt_labels"
+        path = self._label_paths()[0]
+        labels = {x for x in self.samples.distinct(path) if x is not None}
+        outside = sorted(labels - set(classes))
+        if outside:
+            message = (
+                f"{len(outside)} ground-truth label(s) of '{self.label_field}' are not among the "
+                f"model's classes ({', '.join(outside[:10])}{' ...' if len(outside) > 10 else ''}): "
+                f"they get no map and are left out of '{self.gt_class_field}'"
+            )
+            self.warnings.append(message)
+            warnings.warn(message, UnmappedLabelsWarning)
+
     def _check_classification_labels(self, classes):
         # an fo.Classification field without a class map: its labels must be
         # the model's class names, as before class maps existed
@@ -331,6 +470,8 @@ class CamRunType(RunType):
         self._gt_index = {c: i for i, c in enumerate(classes)}
 
     def _label_paths(self):
+        if self._label_type is fo.Classifications:
+            return [f"{self.label_field}.classifications.label"]
         if self._label_type is fo.Detections:
             base = f"{self.label_field}.detections"
             return [f"{base}.label", f"{base}.bounding_box"]
@@ -344,13 +485,27 @@ class CamRunType(RunType):
         :meth:`_label_paths`; None when its labels map to nothing."""
         if self._label_type is fo.Classification:
             (label,) = values
+            if self.multilabel:
+                # a sample without labels is unlabelled, not labelled "none"
+                if label is None:
+                    return None
+                return (label,) if label in self._map else ()
             return label if label in self._map else None
+        if self._label_type is fo.Classifications:
+            (labels,) = values
+            if labels is None:
+                return None
+            return tuple(sorted({l for l in labels if l in self._map}))
         if self._label_type is fo.Detections:
             labels, boxes = (v or [] for v in values)
             areas = [object_area(bounding_box=b) if b is not None else None for b in boxes]
         else:
             labels, points, closed, filled = (v or [] for v in values)
             areas = [object_area(points=p, closed=c, filled=f) for p, c, f in zip(points, closed, filled)]
+        if self.multilabel:
+            if values[0] is None:
+                return None  # no labels field on this sample
+            return image_classes(labels, areas, self._map)
         return image_class(labels, areas, self._map, self.label_rule)
 
     def _safe_image_class(self, sample_id, values):
@@ -425,6 +580,15 @@ class CamRunType(RunType):
             "heatmap_size": self.heatmap_size,
             "store_logits": self.store_logits,
         }
+        if self.multilabel:
+            # the views of each class's field judge by these
+            config.update(
+                multilabel=True,
+                threshold=self.threshold,
+                label_rule=self.label_rule,
+                gt_class_field=self.gt_class_field if self.label_field else None,
+                class_fields={t.spec[len("class:") :]: t.field for t in self.targets},
+            )
         if self.mapped:
             # the rule the views and the summary judge these samples by
             config.update(
@@ -448,7 +612,12 @@ class CamRunType(RunType):
         paths = [rows[i][0] for i in ids]
         gt = [-1] * len(ids)
         image_classes = {}
-        if self.mapped:
+        if self.multilabel and self.label_field:
+            image_classes = {i: self._safe_image_class(i, rows[i][1:]) for i in ids}
+            gt = [tuple(self._index[c] for c in image_classes[i] or ()) for i in ids]
+        elif self.multilabel:
+            gt = [()] * len(ids)
+        elif self.mapped:
             image_classes = {i: self._safe_image_class(i, rows[i][1:]) for i in ids}
             gt = [self._candidates.get(image_classes[i], ()) for i in ids]
         elif self.label_field:
@@ -468,7 +637,7 @@ class CamRunType(RunType):
         def compute(group):
             return compute_batch(
                 self.extractor, group, [gt[item.index] for item in group.items], picks,
-                self.heatmap_size, self.device,
+                self.heatmap_size, self.device, multilabel=self.multilabel,
             )
 
         runner = BatchRunner(compute, self.batch_size)
@@ -484,6 +653,12 @@ class CamRunType(RunType):
                     continue
                 succeeded += 1
                 output = self._output(sample_id, result, names, files)
+                if self.multilabel and self.label_field:
+                    labelled = image_classes[sample_id]
+                    output.values[self.gt_class_field] = (
+                        None if labelled is None
+                        else fo.Classifications(classifications=[fo.Classification(label=c) for c in labelled])
+                    )
                 if self.mapped:
                     self._judge(output, image_classes[sample_id], result, names)
                 batch.append(output)
@@ -491,14 +666,29 @@ class CamRunType(RunType):
             if not succeeded:
                 _check_all_failing(failures)
 
-    def _output(self, sample_id, result, names, files):
-        values = {
-            self.pred_field: fo.Classification(
+    def _prediction(self, result, names):
+        logits = result.logits if self.store_logits else None
+        if not self.multilabel:
+            return fo.Classification(
                 label=names[result.pred] if names else str(result.pred),
                 confidence=result.confidence,
-                logits=result.logits if self.store_logits else None,
+                logits=logits,
             )
-        }
+        # every class whose probability reaches the threshold, most
+        # probable first; possibly none
+        order = sorted(
+            (i for i, p in enumerate(result.probabilities) if p >= self.threshold),
+            key=lambda i: -result.probabilities[i],
+        )
+        return fo.Classifications(
+            classifications=[
+                fo.Classification(label=names[i], confidence=float(result.probabilities[i])) for i in order
+            ],
+            logits=logits,
+        )
+
+    def _output(self, sample_id, result, names, files):
+        values = {self.pred_field: self._prediction(result, names)}
         out_files = []
         for target in self.targets:
             framed = result.maps.get(target.name)
@@ -506,12 +696,17 @@ class CamRunType(RunType):
                 continue
             path = files.path(target.name, sample_id)
             out_files.append((path, framed.levels))
-            values[target.field] = fo.Heatmap(
+            heatmap = fo.Heatmap(
                 map_path=path,
                 range=list(HEATMAP_RANGE),
                 raw_max=framed.raw_max,
                 target=names[framed.class_index] if names else str(framed.class_index),
             )
+            if self.multilabel:
+                # the class's probability, so the App filters each class's
+                # maps by it and the views tell confident from unsure
+                heatmap.confidence = float(result.probabilities[framed.class_index])
+            values[target.field] = heatmap
         return SampleOutput(sample_id, values, out_files)
 
     def _judge(self, output, image_class, result, names):
@@ -527,6 +722,14 @@ class CamRunType(RunType):
         from ..scale import apply_run_scales
 
         appearance.apply(dataset, {t.name: t.field for t in self.targets})
+        if self.multilabel:
+            # each class's probability on its heatmaps, declared so that the
+            # App's sidebar filters by it
+            schema = dataset.get_field_schema(flat=True)
+            for t in self.targets:
+                name = f"{t.field}.confidence"
+                if t.field in schema and name not in schema:
+                    dataset.add_sample_field(name, fo.FloatField)
         # the heatmaps' display scale (``heatmap_scale`` of compute_cams, set
         # on the run type by iter_compute_cams; None keeps the recorded one),
         # applied again on every call: samples added since are scaled alike

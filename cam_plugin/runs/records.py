@@ -486,7 +486,7 @@ def ensure_fields(dataset, fields):
 
 # config entries added after records were first written, with the value a
 # record without them stands for, so that such a run still continues
-LATER_KEYS = {"store_logits": False}
+LATER_KEYS = {"store_logits": False, "label_class": None}
 
 
 def comparable(config):

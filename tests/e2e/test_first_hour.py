@@ -1,7 +1,8 @@
 """A new user's first hour in the App, in a real headless Chromium: the App
 that ``make app`` opens has the plugin; the per-class panel opens on a
 dataset whose first run has no ground truth and lets the user switch runs;
-the views form offers only usable fields; the summary runs on the chosen
+the views form offers a field without ground truth the views that need
+none; the summary runs on the chosen
 target and says so; the runs table shows its counts and every field; the
 panel's bars carry their counts.
 
@@ -161,13 +162,16 @@ def test_panel_opens_when_the_first_run_has_no_ground_truth(on_first_runs, first
 def test_views_form_offers_only_usable_fields_and_runs(on_first_runs, first_runs, shots):
     session, page = on_first_runs
     browser.open_operator(page, "wrong place", "Find where the model looked at the wrong place")
-    page.get_by_text("Not offered: cam", exact=False).first.wait_for(timeout=30_000)
-    # the form's dropdown holds the usable field, not the default name "cam"
-    page.get_by_role("combobox").filter(has_text="withgt").first.wait_for(timeout=15_000)
-    assert page.get_by_role("combobox").filter(has_text="cam").count() == 0
+    # "cam" has boxes but no ground truth: offered, with the views that need none
+    page.get_by_text("Without ground truth: only qa_unlabelled_attention", exact=False).first.wait_for(
+        timeout=30_000
+    )
+    assert page.get_by_text("Not offered", exact=False).count() == 0
     page.screenshot(path=str(shots / "app-views-form.png"))
     _execute(page)
     page.get_by_text("Samples per view", exact=True).first.wait_for(timeout=60_000)
+    page.get_by_text("cam_border_attention", exact=True).first.wait_for(timeout=15_000)
+    assert page.get_by_text("cam_misclassified_background", exact=True).count() == 0
     page.get_by_text(f"the whole dataset ({len(first_runs)} samples)", exact=True).first.wait_for(timeout=15_000)
     _no_operator_error(page)
 
