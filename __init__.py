@@ -186,6 +186,91 @@ class ComputeAttention(foo.Operator):
         return _run_output(ctx.results, "Attention metrics computed")
 
 
+class ComputeReliance(foo.Operator):
+    @property
+    def config(self):
+        return foo.OperatorConfig(
+            name="compute_reliance",
+            label="Test background reliance",
+            description="Does the prediction survive without its object, or die without its "
+            "background? Paints each over and asks the model again",
+            dynamic=True,
+            execute_as_generator=True,
+            allow_immediate_execution=True,
+            allow_delegated_execution=True,
+        )
+
+    def __call__(self, sample_collection, region_field, delegate=False, **kwargs):
+        """Runs the operator from Python; ``kwargs``: ``pred_field``,
+        ``region_classes``, ``fill``, ``prefix``, ``overwrite``, ``model``."""
+        params = dict(kwargs, region_field=region_field, delegate=delegate)
+        ctx = dict(view=sample_collection.view())
+        return foo.execute_operator(self.uri, ctx, params=params, request_delegation=delegate)
+
+    def resolve_input(self, ctx):
+        inputs = types.Object()
+        forms.compute_reliance_inputs(ctx, inputs)
+        return types.Property(inputs, view=types.View(label="Test background reliance"))
+
+    def resolve_delegation(self, ctx):
+        return _delegation(ctx)
+
+    def execute(self, ctx):
+        kwargs = forms.compute_reliance_kwargs(ctx.params)
+        samples = ctx.target_view()
+        steps = cam_plugin.iter_compute_reliance(samples, delegate=_queues_shards(ctx), **kwargs)
+        ran_on = forms.target_text(ctx, samples)
+        if ctx.delegated:
+            return _run_reporting(ctx, steps, ran_on)
+        return _stream_to_app(ctx, steps, ran_on, "Background reliance tested")
+
+    def resolve_output(self, ctx):
+        return _run_output(ctx.results, "Background reliance tested")
+
+
+class ComputeContext(foo.Operator):
+    @property
+    def config(self):
+        return foo.OperatorConfig(
+            name="compute_context",
+            label="Name the attention by context labels",
+            description="The share of each heatmap on each class of a segmentation or of the "
+            "objects (grass, sky, road...)",
+            dynamic=True,
+            allow_immediate_execution=True,
+            allow_delegated_execution=True,
+        )
+
+    def __call__(self, sample_collection, heatmap_field="cam", context_field=None, delegate=False, **kwargs):
+        """Runs the operator from Python; ``kwargs``: ``min_share``, ``overwrite``."""
+        params = dict(kwargs, heatmap_field=heatmap_field, context_field=context_field, delegate=delegate)
+        ctx = dict(view=sample_collection.view())
+        return foo.execute_operator(self.uri, ctx, params=params, request_delegation=delegate)
+
+    def resolve_input(self, ctx):
+        inputs = types.Object()
+        forms.compute_context_inputs(ctx, inputs)
+        return types.Property(inputs, view=types.View(label="Name the attention by context labels"))
+
+    def resolve_delegation(self, ctx):
+        return _delegation(ctx)
+
+    def execute(self, ctx):
+        kwargs = forms.compute_context_kwargs(ctx.params)
+        samples = ctx.target_view()
+        steps = cam_plugin.iter_compute_context(samples, delegate=_queues_shards(ctx), **kwargs)
+        ran_on = forms.target_text(ctx, samples)
+        try:
+            summary = _run_reporting(ctx, steps, ran_on)
+        except _Failed as e:
+            return _error_output(ctx, str(e))
+        ctx.ops.reload_dataset()
+        return summary
+
+    def resolve_output(self, ctx):
+        return _run_output(ctx.results, "Context shares computed")
+
+
 class AttentionViews(foo.Operator):
     @property
     def config(self):
@@ -354,6 +439,16 @@ class AttentionByClassPanel(foo.Panel):
         ctx.panel.state.note = forms.summary_note(rows, field, ran_on) if field else None
         ctx.panel.data.summary = forms.summary_traces(rows)
 
+        # beside it, what the model relies on, where those runs exist
+        prefix = cam_plugin.views.reliance_prefix(samples, field) if field else None
+        ctx.panel.state.reliance_prefix = prefix
+        reliance = cam_plugin.reliance_summary(samples, prefix) if prefix else []
+        ctx.panel.state.reliance_note = forms.reliance_note(reliance, prefix) if reliance else None
+        ctx.panel.data.reliance = forms.reliance_traces(reliance)
+        context = forms.panel_context_summary(samples, field) if field else []
+        ctx.panel.state.context_note = forms.context_note(context, field) if context else None
+        ctx.panel.data.context = forms.context_traces(context)
+
     def on_field_change(self, ctx):
         self._refresh(ctx, ctx.params.get("value"))
 
@@ -368,6 +463,21 @@ class AttentionByClassPanel(foo.Panel):
             samples, _ = self._samples(ctx)
             view = cam_plugin.class_view(samples, class_name, field)
             ctx.ops.set_view(view=view)
+
+    def on_reliance_click(self, ctx):
+        prefix = ctx.panel.state.reliance_prefix
+        class_name = ctx.params.get("x") or ctx.params.get("id")
+        if prefix and class_name:
+            samples, _ = self._samples(ctx)
+            ctx.ops.set_view(view=cam_plugin.reliance_view(samples, class_name, prefix))
+
+    def on_context_click(self, ctx):
+        field = ctx.panel.state.heatmap_field
+        context_class, class_name = ctx.params.get("x"), ctx.params.get("y")
+        if field and context_class and class_name:
+            samples, _ = self._samples(ctx)
+            by = forms.context_grouping(samples, field)
+            ctx.ops.set_view(view=cam_plugin.context_view(samples, class_name, context_class, field, by=by))
 
     def render(self, ctx):
         panel = types.Object()
@@ -421,6 +531,22 @@ class AttentionByClassPanel(foo.Panel):
             panel.md(
                 "Not offered: " + "; ".join(ctx.panel.state.problems), name="not_offered"
             )
+        if ctx.panel.state.reliance_note:
+            panel.plot(
+                "reliance",
+                layout=forms.RELIANCE_PLOT_LAYOUT,
+                on_click=self.on_reliance_click,
+                config={"displayModeBar": False, "responsive": True},
+            )
+            panel.md(ctx.panel.state.reliance_note, name="reliance_note")
+        if ctx.panel.state.context_note:
+            panel.plot(
+                "context",
+                layout=forms.CONTEXT_MATRIX_LAYOUT,
+                on_click=self.on_context_click,
+                config={"displayModeBar": False, "responsive": True},
+            )
+            panel.md(ctx.panel.state.context_note, name="context_note")
         # the App lays a vertical GridView out as a CSS grid whose column is
         # as wide as its content unless stretched; a plot has no content
         # width of its own
@@ -580,6 +706,8 @@ def _progress_updates(steps, ran_on):
 def register(p):
     p.register(ComputeCams)
     p.register(ComputeAttention)
+    p.register(ComputeReliance)
+    p.register(ComputeContext)
     p.register(AttentionViews)
     p.register(ClassSummary)
     p.register(AttentionByClassPanel)

@@ -119,9 +119,7 @@ def model_inputs(ctx, inputs):
             prop.error_message = f"No file at {path}"
             return None
 
-        archs = types.DropdownView()
-        for name in CHECKPOINT_ARCHITECTURES + cam_plugin.torchvision_classifiers():
-            archs.add_choice(name, label=name)
+        archs = _dropdown(CHECKPOINT_ARCHITECTURES + cam_plugin.torchvision_classifiers())
         inputs.str(
             "architecture",
             label="Architecture (for a checkpoint)",
@@ -160,9 +158,7 @@ def model_inputs(ctx, inputs):
             prop.error_message = f"'{name}' is not a torchvision classifier"
             return None
 
-        choices = types.DropdownView()
-        for w in weights:
-            choices.add_choice(w, label=w)
+        choices = _dropdown(weights)
         inputs.enum(
             "weights",
             choices.values(),
@@ -182,9 +178,7 @@ def named_model_inputs(ctx, inputs, source):
     name = (ctx.params.get(param) or "").strip()
     if source == "zoo":
         names = cam_plugin.zoo_classifiers()
-        choices = types.DropdownView()
-        for zoo_name in names:
-            choices.add_choice(zoo_name, label=zoo_name)
+        choices = _dropdown(names)
         prop = inputs.enum(
             param, names, default=DEFAULT_ZOO_MODEL, label="Zoo classifier",
             description="The zoo's torchvision classifiers; its Transformers models "
@@ -410,9 +404,7 @@ def target_inputs(ctx, inputs, samples):
     )
 
     label_fields = ground_truth_fields(samples)
-    fields = types.DropdownView()
-    for name in label_fields:
-        fields.add_choice(name, label=name)
+    fields = _dropdown(label_fields)
     prop = inputs.str(
         "label_field",
         label="Ground-truth field",
@@ -445,9 +437,7 @@ def multilabel_inputs(ctx, inputs, samples):
         prop.invalid = True
         prop.error_message = "The threshold is a probability between 0 and 1"
         return False
-    fields = types.DropdownView()
-    for name in _fields_of(samples, (fo.Classifications, fo.Classification, fo.Detections, fo.Polylines)):
-        fields.add_choice(name, label=name)
+    fields = _dropdown(_fields_of(samples, (fo.Classifications, fo.Classification, fo.Detections, fo.Polylines)))
     inputs.str(
         "label_field",
         label="Ground-truth field (optional)",
@@ -580,9 +570,7 @@ def compute_cams_inputs(ctx, inputs):
         "store_logits): 1,000 numbers per sample for an ImageNet model",
     )
     inputs.int("batch_size", default=16, min=1, label="Batch size")
-    devices = types.DropdownView()
-    for device in _devices():
-        devices.add_choice(device, label=device)
+    devices = _dropdown(_devices())
     inputs.enum("device", devices.values(), default=_devices()[0], label="Device", view=devices)
     run_options_inputs(inputs, "Delete the run with this key (its fields and files) and compute it again")
     return ok
@@ -666,6 +654,14 @@ def compute_cams_kwargs(params):
     return kwargs
 
 
+def _dropdown(values):
+    """A dropdown offering each value under its own name."""
+    view = types.DropdownView()
+    for value in values:
+        view.add_choice(value, label=value)
+    return view
+
+
 def _fields_of(samples, doc_types):
     schema = samples.get_field_schema()
     names = []
@@ -704,9 +700,7 @@ def heatmap_field_input(ctx, inputs, samples, with_metrics=False, for_summary=Fa
         prop.invalid = True
         return None
 
-    choices = types.DropdownView()
-    for name in names:
-        choices.add_choice(name, label=name)
+    choices = _dropdown(names)
     default = "cam" if "cam" in names else names[0]
     prop = inputs.enum(
         "heatmap_field", choices.values(), default=default, label="Heatmap field", view=choices
@@ -735,9 +729,7 @@ def compute_attention_inputs(ctx, inputs):
     if heatmap_field is None:
         return False
 
-    regions = types.DropdownView()
-    for name in _fields_of(samples, cam_plugin.REGION_TYPES):
-        regions.add_choice(name, label=name)
+    regions = _dropdown(_fields_of(samples, cam_plugin.REGION_TYPES))
     inputs.str(
         "region_field",
         label="Object regions",
@@ -815,10 +807,7 @@ def _usable(described, for_summary):
 def view_names(samples, heatmap_field):
     """The views :func:`cam_plugin.attention_views` builds for a field:
     only those that need no ground truth for a field without it."""
-    field = cam_plugin.views.describe_field(samples, heatmap_field)
-    if field.label_field is None:
-        return list(cam_plugin.views.GROUND_TRUTH_FREE_VIEWS)
-    return list(cam_plugin.VIEW_DESCRIPTIONS)
+    return cam_plugin.views.view_names(samples, heatmap_field)
 
 
 def threshold_inputs(inputs, with_views=True, views=None):
@@ -846,7 +835,7 @@ def threshold_inputs(inputs, with_views=True, views=None):
             "a uniform map puts 0.36 there",
         )
         views = list(views or cam_plugin.VIEW_DESCRIPTIONS)
-        if len(views) < len(cam_plugin.VIEW_DESCRIPTIONS):
+        if not set(cam_plugin.VIEW_DESCRIPTIONS) <= set(views):
             inputs.view(
                 "ground_truth_free",
                 types.Notice(
@@ -856,7 +845,7 @@ def threshold_inputs(inputs, with_views=True, views=None):
             )
         choices = types.DropdownView()
         for name in views:
-            choices.add_choice(name, label=name, description=cam_plugin.VIEW_DESCRIPTIONS[name])
+            choices.add_choice(name, label=name, description=cam_plugin.views.view_description(name))
         inputs.enum(
             "open_view",
             choices.values(),
@@ -1156,3 +1145,302 @@ def target_text(ctx, samples=None):
     samples = ctx.target_view() if samples is None else samples
     n = samples.count()
     return f"{text} ({n} sample{'s' if n != 1 else ''})"
+
+
+# ---------------------------------------------------------------------------
+# What the model relies on: background intervention and context labels
+# ---------------------------------------------------------------------------
+
+FILL_CHOICES = [
+    ("mean", "Mean colour", "The ImageNet mean colour (124, 116, 104)"),
+    ("blur", "Blur", "A strong Gaussian blur of the image: colours stay, shapes go"),
+    ("swap", "Another background", "The background of a sample of another class (ImageNet-9's Mixed-Rand)"),
+]
+
+
+def cam_prediction_fields(samples):
+    """The predictions fields of the single-label CAM runs, with the model
+    each can load again (None when it was given in memory)."""
+    found = {}
+    for key in cam_plugin.list_runs(samples, "cams"):
+        config = cam_plugin.get_run(samples, key)
+        if not config.get("multilabel") and config.get("pred_field"):
+            found[config["pred_field"]] = config
+    return found
+
+
+def compute_reliance_inputs(ctx, inputs):
+    """The compute_reliance form. Returns True when complete and valid."""
+    samples = ctx.target_view()
+    runs = cam_prediction_fields(samples)
+    if not runs:
+        prop = inputs.view(
+            "no_predictions",
+            types.Warning(
+                label="Nothing to test",
+                description="Run 'Compute class activation maps' first: the test uses its model "
+                "and predictions",
+            ),
+        )
+        prop.invalid = True
+        return False
+    choices = _dropdown(list(runs))
+    default = "cam_prediction" if "cam_prediction" in runs else list(runs)[0]
+    inputs.enum(
+        "pred_field", choices.values(), default=default, label="Predictions",
+        description="The CAM run whose model is tested (its class names and transforms too)",
+        view=choices,
+    )
+    pred_field = ctx.params.get("pred_field") or default
+    config = runs.get(pred_field, {})
+    if not config.get("model_spec"):
+        prop = inputs.view(
+            "model_in_memory",
+            types.Warning(
+                label="This run's model cannot be loaded again",
+                description="It was given to compute_cams as an in-memory model: run "
+                "cam_plugin.compute_reliance(..., model=your_model) from Python",
+            ),
+        )
+        prop.invalid = True
+        return False
+    inputs.view("model", types.Notice(label=f"Model: {config['model_spec']}"))
+
+    regions = _fields_of(samples, cam_plugin.REGION_TYPES)
+    prop = inputs.enum(
+        "region_field", _dropdown(regions).values(), required=True, label="Object regions",
+        description="The labelled objects painted over; everything else is the background",
+        view=_dropdown(regions),
+    )
+    if not regions:
+        prop.invalid = True
+        prop.error_message = "These samples have no boxes, polygons or masks to paint over"
+        return False
+
+    classes = types.RadioGroup(orientation="horizontal")
+    classes.add_choice("gt", label="Ground-truth class", description="Objects of the sample's class")
+    classes.add_choice("all", label="All objects")
+    inputs.enum("region_classes", classes.values(), default="gt", label="Which objects", view=classes)
+    fills = types.RadioGroup(orientation="horizontal")
+    for value, label, description in FILL_CHOICES:
+        fills.add_choice(value, label=label, description=description)
+    inputs.enum("fill", fills.values(), default="mean", label="Painted with", view=fills)
+
+    heatmap_field = config.get("heatmap_field") or "cam"
+    fill = ctx.params.get("fill") or "mean"
+    # one run per fill side by side: cam_bg_reliance, cam_swap_bg_reliance
+    default_prefix = heatmap_field if fill == "mean" else f"{heatmap_field}_{fill}"
+    prefix_prop = inputs.str(
+        "prefix", default=default_prefix, label="Field prefix",
+        description="Fields <prefix>_bg_reliance, <prefix>_bg_flip, ...; the run key is <prefix>_reliance",
+    )
+    prefix = ctx.params.get("prefix") or default_prefix
+    try:
+        from cam_plugin.runs.reliance import RELIANCE_FIELDS
+
+        cam_plugin.check_fields(
+            ctx.dataset, f"{prefix}_reliance",
+            {f"{prefix}_{name}": (ftype, None) for name, ftype in RELIANCE_FIELDS.items()},
+        )
+    except cam_plugin.RunError as e:
+        prefix_prop.invalid = True
+        prefix_prop.error_message = str(e)
+        return False
+    run_options_inputs(inputs, "Delete the earlier reliance run with this prefix and test again")
+    return ctx.params.get("region_field") in regions
+
+
+def compute_reliance_kwargs(params):
+    kwargs = dict(
+        pred_field=params.get("pred_field", "cam_prediction"),
+        region_field=params.get("region_field") or None,
+        region_classes=params.get("region_classes", "gt"),
+        fill=params.get("fill", "mean"),
+        prefix=params.get("prefix") or "cam",
+        overwrite=bool(params.get("overwrite", False)),
+        retry_failed=bool(params.get("retry_failed", False)),
+        num_shards=int(params.get("num_shards") or 1),
+        shard=params.get("shard"),
+    )
+    # what only Python callers and queued shards pass
+    for name in (
+        "model", "seed", "classes", "label_field", "mask_values", "heatmap_threshold",
+        "run_key", "batch_size", "num_workers", "device",
+    ):
+        if params.get(name) is not None:
+            kwargs[name] = params[name]
+    return kwargs
+
+
+CONTEXT_TYPES = (fo.Segmentation, fo.Detections, fo.Polylines)
+
+
+def compute_context_inputs(ctx, inputs):
+    """The compute_context form. Returns True when complete and valid."""
+    samples = ctx.target_view()
+    heatmap_field = heatmap_field_input(ctx, inputs, samples)
+    if heatmap_field is None:
+        return False
+    contexts = _fields_of(samples, CONTEXT_TYPES)
+    prop = inputs.enum(
+        "context_field", _dropdown(contexts).values(), required=True, label="Context labels",
+        description="A semantic segmentation (grass, sky, road...) or objects whose classes "
+        "name what the map looks at",
+        view=_dropdown(contexts),
+    )
+    if not contexts:
+        prop.invalid = True
+        prop.error_message = "These samples have no segmentation, detections or polylines"
+        return False
+    inputs.float(
+        "min_share", default=0.01, min=0, max=1, label="Smallest share stored",
+        description="Context classes with less of the map are left out",
+    )
+    key = f"{heatmap_field}_context"
+    try:
+        cam_plugin.check_fields(
+            ctx.dataset, key,
+            {key: (fo.EmbeddedDocumentField, fo.Classifications), f"{key}_error": (fo.StringField, None)},
+        )
+    except cam_plugin.RunError as e:
+        prop = inputs.view("taken", types.Warning(label="Cannot write the context field", description=str(e)))
+        prop.invalid = True
+        return False
+    run_options_inputs(inputs, "Delete the earlier context run of this field and measure again")
+    return ctx.params.get("context_field") in contexts
+
+
+def compute_context_kwargs(params):
+    kwargs = dict(
+        heatmap_field=params.get("heatmap_field", "cam"),
+        context_field=params.get("context_field") or None,
+        min_share=float(params.get("min_share", 0.01)),
+        overwrite=bool(params.get("overwrite", False)),
+        retry_failed=bool(params.get("retry_failed", False)),
+        num_shards=int(params.get("num_shards") or 1),
+        shard=params.get("shard"),
+    )
+    for name in ("classes", "run_key", "batch_size", "device"):
+        if params.get(name) is not None:
+            kwargs[name] = params[name]
+    return kwargs
+
+
+#: the layout of the per-class reliance chart
+RELIANCE_PLOT_LAYOUT = {
+    "yaxis": {"title": {"text": "mean background reliance"}, "range": [-1.05, 1.05], "zeroline": True},
+    "xaxis": {"title": {"text": "class"}, "type": "category"},
+    "height": 300,
+    "margin": {"t": 20, "l": 70, "b": 60, "r": 20},
+    "barmode": "group",
+    "legend": {"orientation": "h", "y": 1.12},
+}
+
+
+def reliance_traces(rows):
+    """Plotly traces of :func:`cam_plugin.reliance_summary`: mean reliance
+    per class (+1: the background carries the predictions) and, with
+    ground truth, the background gap."""
+    traces = [
+        {
+            "type": "bar",
+            "name": "mean reliance",
+            "x": [r.class_name for r in rows],
+            "y": [r.mean_reliance for r in rows],
+            "ids": [r.class_name for r in rows],
+            "marker": {"color": [BAR_COLOR if r.enough_samples else FEW_SAMPLES_COLOR for r in rows]},
+            "customdata": [[r.samples, r.bg_flip_rate, r.obj_flip_rate] for r in rows],
+            "hovertemplate": "%{x}: reliance %{y:+.2f} over %{customdata[0]} samples; the prediction "
+            "changes without the background for %{customdata[1]:.0%}, without the object for "
+            "%{customdata[2]:.0%}<extra></extra>",
+        }
+    ]
+    if rows and rows[0].background_gap is not None:
+        traces.append(
+            {
+                "type": "bar",
+                "name": "background gap",
+                "x": [r.class_name for r in rows],
+                "y": [r.background_gap for r in rows],
+                "marker": {"color": "#3f7fbf"},
+                "hovertemplate": "%{x}: accuracy drops by %{y:.0%} without its background<extra></extra>",
+            }
+        )
+    return traces
+
+
+def reliance_note(rows, prefix):
+    tested = sum(r.samples for r in rows)
+    return (
+        f"**{prefix}_bg_reliance**: {tested} samples tested in {len(rows)} classes. Reliance = "
+        "(p without the object - p without the background) / p: +1 when the background carries "
+        "the prediction, -1 when the object does. Click a bar to see the class's samples, most "
+        "background-reliant first."
+    )
+
+
+CONTEXT_MATRIX_LAYOUT = {
+    "height": 360,
+    "margin": {"t": 20, "l": 110, "b": 90, "r": 20},
+    "xaxis": {"title": {"text": "context class"}, "type": "category", "tickangle": -40},
+    "yaxis": {"title": {"text": "class"}, "type": "category", "autorange": "reversed"},
+}
+
+
+def context_traces(rows, max_contexts=12):
+    """The class-by-context matrix of :func:`cam_plugin.context_summary`
+    as a Plotly heatmap: a cell is the mean share of a class's attention
+    on a context class (the ``max_contexts`` context classes with the most
+    attention overall)."""
+    totals = {}
+    for r in rows:
+        for name, share in r.shares.items():
+            totals[name] = totals.get(name, 0.0) + share * r.samples
+    contexts = sorted(totals, key=lambda n: -totals[n])[:max_contexts]
+    z = [[r.shares.get(c, 0.0) for c in contexts] for r in rows]
+    wrong = [[r.misclassified_shares.get(c, 0.0) for c in contexts] for r in rows]
+    return [
+        {
+            "type": "heatmap",
+            "x": contexts,
+            "y": [r.class_name for r in rows],
+            "z": z,
+            "zmin": 0,
+            "zmax": max([max(row) for row in z] + [0.01]),
+            "colorscale": "Viridis",
+            "customdata": [[[v, r.samples, r.misclassified] for v in w] for w, r in zip(wrong, rows)],
+            "hovertemplate": "%{y}: %{z:.0%} of the attention on %{x} (%{customdata[0]:.0%} among "
+            "its %{customdata[2]} misclassified of %{customdata[1]})<extra></extra>",
+            "colorbar": {"tickformat": ".0%"},
+        }
+    ]
+
+
+def context_note(rows, heatmap_field):
+    top = max(rows, key=lambda r: r.top[1], default=None)
+    example = ""
+    if top is not None and top.top[0] is not None:
+        name, share = top.top
+        wrong = top.misclassified_shares.get(name)
+        example = f" For **{top.class_name}**, {share:.0%} of the attention falls on **{name}**" + (
+            f"; {wrong:.0%} among the misclassified." if wrong is not None and top.misclassified else "."
+        )
+    return (
+        f"**{heatmap_field}_context**: the mean share of each class's attention on each context "
+        f"class.{example} Click a cell to see those samples, most attention on it first."
+    )
+
+
+def context_grouping(samples, heatmap_field):
+    """``"gt"`` when the field's run has ground truth, else ``"pred"``: how
+    the panel's context matrix groups samples."""
+    return "gt" if cam_plugin.views.describe_field(samples, heatmap_field).label_field else "pred"
+
+
+def panel_context_summary(samples, heatmap_field):
+    """The context summary the panel shows for a field, or [] when no
+    context run measured it."""
+    try:
+        return cam_plugin.context_summary(samples, heatmap_field, by=context_grouping(samples, heatmap_field))
+    except cam_plugin.views.ViewsError:
+        return []

@@ -8,6 +8,12 @@ internal modules:
 -   :func:`compute_attention`: how much of each map falls on the labelled
     object, as scalar fields; :func:`compute_label_attention`, each class's
     maps of a multi-label run against that class's objects
+-   :func:`compute_reliance`: whether each prediction depends on the
+    background, by painting the object or the background over;
+    :func:`reliance_summary`, per class
+-   :func:`compute_context`: the share of each map on each context class
+    (grass, sky, other objects), as ``fo.Classifications``;
+    :func:`context_summary` and :func:`context_view`, per class
 -   :func:`attention_views`, :func:`class_summary`: the samples where the
     model looked at the wrong place, and the classes that do it most;
     :func:`label_summary`, every class of a multi-label run
@@ -478,15 +484,231 @@ def compute_label_attention(samples, region_field, heatmap_field="cam", *, class
     }
 
 
+def compute_reliance(
+    samples,
+    model=None,
+    *,
+    region_field,
+    pred_field="cam_prediction",
+    prefix="cam",
+    region_classes=None,
+    fill="mean",
+    seed=0,
+    classes=None,
+    transforms=None,
+    label_field=None,
+    mask_values=None,
+    heatmap_threshold=0.5,
+    batch_size=None,
+    num_workers=None,
+    device=None,
+    run_key=None,
+    overwrite=False,
+    retry_failed=False,
+    num_shards=1,
+    shard=None,
+    delegate=False,
+    trust_checkpoint=False,
+    progress=None,
+):
+    """Tests, by intervention, whether each prediction depends on the
+    background: every image goes through the model as it is, with its
+    background painted over and with its labelled object painted over (one
+    decode, one batch).
+
+    With ``p(.)`` the softmax probability of the class the model predicts
+    on the unmodified image, writes, for ``P = prefix``:
+
+    -   ``P_bg_removed_confidence``: p with every pixel outside the region
+        replaced by the fill (``P_bg_removed_label``: the top class then)
+    -   ``P_obj_removed_confidence``: p with every pixel inside the region
+        replaced (``P_obj_removed_label``: the top class then)
+    -   ``P_bg_reliance = (p_obj_removed - p_bg_removed) / p``: near +1 when
+        the background carries the prediction, near -1 when the object does
+    -   ``P_bg_flip``, ``P_obj_flip``: whether the top class changes
+    -   ``P_reliance_class``: the class measured; ``P_reliance_error``: why
+        a sample could not be tested (no labelled object, say)
+
+    The run resumes, picks up new samples and shards like
+    :func:`compute_cams`. :func:`reliance_summary` ranks the classes; the
+    attention views of the CAM run's heatmaps gain
+    ``confirmed_background_reliance`` and ``unfaithful_heatmap``.
+
+    Args:
+        samples: a dataset or view
+        model (None): the classifier, as for :func:`compute_cams`; default
+            the model the CAM run that made ``pred_field`` loaded by name or
+            path
+        region_field: the labelled objects, exactly as
+            :func:`compute_attention` takes them (boxes, instance masks,
+            polylines, semantic masks), rasterised in the full image
+        pred_field ("cam_prediction"): the CAM run's predictions: its
+            model, class names, ground truth and heatmaps are this run's
+            defaults (nothing is read from the field itself)
+        prefix ("cam"): the fields' prefix
+        region_classes (None): as for :func:`compute_attention`: None or
+            ``"gt"``, the objects of the image's ground-truth class (all
+            objects when none has it); ``"all"``; or a list of names
+        fill ("mean"): what replaces the removed pixels: ``"mean"`` (the
+            ImageNet mean colour (124, 116, 104)), ``"blur"`` (a strong
+            Gaussian blur of the image) or ``"swap"`` (the background of
+            another sample of another class, its own objects painted out:
+            ImageNet-9's Mixed-Rand)
+        seed (0): for ``"swap"``, which sample lends each its background
+            (the same in every shard and process)
+        classes, transforms, trust_checkpoint: as for :func:`compute_cams`
+            (default: the CAM run's class names)
+        label_field (None): the image's class (``fo.Classification``) that
+            picks the region's objects; default the CAM run's
+        mask_values, heatmap_threshold: as for :func:`compute_attention`
+        batch_size (None): images per batch (each sent three times), 16 on
+            CPU and 64 on CUDA; halved on out-of-memory
+        num_workers (None): decoding processes
+        device (None): CUDA if available
+        run_key (None): defaults to ``<prefix>_reliance``
+        overwrite, retry_failed, num_shards, shard, delegate, progress: as
+            for :func:`compute_cams`
+
+    Returns:
+        a :class:`cam_plugin.runs.base.RunSummary`
+    """
+    arguments = dict(locals())
+    return _drain(iter_compute_reliance(**arguments))
+
+
+def iter_compute_reliance(samples, model=None, **kwargs):
+    """:func:`compute_reliance` as a generator of ``(done, total)``
+    returning the summary; takes the same arguments."""
+    from .runs import reliance, sharding
+
+    params, options = _split_options(kwargs)
+    params["model"] = model
+    if options.pop("delegate", False):
+        return sharding.queue(reliance.RelianceRunType, "compute_reliance", samples, (), params, options)
+    return (yield from sharding.steps(reliance.RelianceRunType(samples, **params), options))
+
+
+def reliance_summary(samples, prefix="cam", *, label_field=None, min_samples=5):
+    """Per class, what the background intervention of
+    :func:`compute_reliance` (fields ``<prefix>_*``) found, most
+    background-reliant class first: a list of dicts with ``class`` (the
+    ground-truth class, else the predicted one), ``samples``,
+    ``mean_reliance``, ``bg_flip_rate`` (the share of predictions that
+    change without the background), ``obj_flip_rate`` and, with ground
+    truth, ``accuracy`` and ``accuracy_without_background`` (with the
+    run's fill: for ``fill="swap"``, ImageNet-9's Mixed-Rand) and
+    ``background_gap``, their difference. Classes with fewer than
+    ``min_samples`` tested samples are ranked last."""
+    from .summaries import reliance_summary as summarise
+
+    return summarise(samples, prefix, label_field=label_field, min_samples=min_samples)
+
+
+def reliance_view(samples, class_name, prefix="cam", *, label_field=None):
+    """The tested samples of one class (ground truth, else the predicted
+    class), the most background-reliant first: what a bar of the App's
+    reliance chart opens."""
+    from .summaries import reliance_view as build
+
+    return build(samples, class_name, prefix, label_field=label_field)
+
+
+def compute_context(
+    samples,
+    heatmap_field="cam",
+    context_field=None,
+    *,
+    min_share=0.01,
+    classes=None,
+    run_key=None,
+    overwrite=False,
+    retry_failed=False,
+    batch_size=256,
+    device=None,
+    num_shards=1,
+    shard=None,
+    delegate=False,
+    progress=None,
+):
+    """Names what each map looks at with the dataset's own labels: per
+    sample, the share of the map's mass on each context class, written as
+    ``fo.Classifications`` in ``<heatmap_field>_context`` (label = the
+    class, confidence = its share, every class with a share of at least
+    ``min_share``, largest first), so that the App's sidebar filters it
+    ("attention on grass above 30%"). ``<heatmap_field>_context_error``
+    says why a sample could not be measured.
+
+    Shares are computed at the stored map's resolution, the labels sampled
+    at its pixel centres, as :func:`compute_attention` does. Objects of one
+    class that overlap count once per pixel.
+
+    Args:
+        samples: a dataset or view with heatmaps
+        heatmap_field ("cam"): the ``fo.Heatmap`` field
+        context_field: a semantic segmentation (``fo.Segmentation``, its
+            classes named by the dataset's ``mask_targets``; values without
+            a name count under their number, 0 without a name not at all),
+            or objects (``fo.Detections``, ``fo.Polylines``) named by label
+        min_share (0.01): the smallest share stored
+        classes (None): only these context classes
+        run_key (None): defaults to ``<heatmap_field>_context``
+        overwrite, retry_failed, num_shards, shard, delegate, progress: as
+            for :func:`compute_cams`
+        batch_size (256): maps read together
+        device (None): where the shares are computed
+
+    Returns:
+        a :class:`cam_plugin.runs.base.RunSummary`
+    """
+    arguments = dict(locals())
+    return _drain(iter_compute_context(**arguments))
+
+
+def iter_compute_context(samples, heatmap_field="cam", context_field=None, **kwargs):
+    """:func:`compute_context` as a generator of ``(done, total)``
+    returning the summary; takes the same arguments."""
+    from .runs import context, sharding
+
+    params, options = _split_options(kwargs)
+    args = (heatmap_field, context_field)
+    if options.pop("delegate", False):
+        return sharding.queue(context.ContextRunType, "compute_context", samples, args, params, options)
+    return (yield from sharding.steps(context.ContextRunType(samples, *args, **params), options))
+
+
+def context_summary(samples, heatmap_field="cam", *, by="gt", label_field=None, pred_field=None, min_samples=5):
+    """Per class (``by="gt"``: ground truth, ``"pred"``: prediction), the
+    context classes ranked by the mean share of attention they get, over
+    all its samples and over its misclassified ones ("for horse, 38% of
+    attention falls on grass; 61% among the misclassified"). Needs
+    :func:`compute_context`. Returns a list of
+    :class:`cam_plugin.summaries.ContextRow`, the class with the most
+    attention on one context class first."""
+    from .summaries import context_summary as summarise
+
+    return summarise(samples, heatmap_field, by=by, label_field=label_field, pred_field=pred_field,
+                     min_samples=min_samples)
+
+
+def context_view(samples, class_name, context_class, heatmap_field="cam", *, by="gt", misclassified=False,
+                 min_share=0.0):
+    """The samples of one class whose map puts attention on one context
+    class (at least ``min_share`` of it), most first: what a cell of the
+    App's class-by-context matrix opens."""
+    from .summaries import context_view as build
+
+    return build(samples, heatmap_field, class_name, context_class, by=by, misclassified=misclassified,
+                 min_share=min_share)
+
+
 def _label_fields(samples, heatmap_field):
     """The class -> heatmap field map of the multi-label CAM run given
     ``heatmap_field``."""
-    from . import runs
+    from .runs import multilabel_run
 
-    for key in runs.list_runs(samples, runs.CAM_RUN):
-        config = runs.get_run(samples, key, derive=False)
-        if config.get("multilabel") and config.get("heatmap_field") == heatmap_field:
-            return dict(config["class_fields"])
+    config = multilabel_run(samples, heatmap_field)
+    if config is not None:
+        return dict(config["class_fields"])
     raise CamError(
         f"No multi-label CAM run made the heatmaps of '{heatmap_field}' on this dataset: "
         "run compute_cams(..., multilabel=True) first"
@@ -651,11 +873,18 @@ def list_runs(samples, method=None):
 
     Args:
         samples: a dataset or view
-        method (None): ``"cams"`` or ``"attention"`` to list one kind
+        method (None): ``"cams"``, ``"attention"``, ``"reliance"`` or
+            ``"context"`` to list one kind
     """
     from . import runs
 
-    kinds = {"cams": runs.CAM_RUN, "attention": runs.ATTENTION_RUN, None: None}
+    kinds = {
+        "cams": runs.CAM_RUN,
+        "attention": runs.ATTENTION_RUN,
+        "reliance": runs.records.RELIANCE_RUN,
+        "context": runs.records.CONTEXT_RUN,
+        None: None,
+    }
     return runs.list_runs(samples, method=kinds.get(method, method))
 
 
@@ -747,10 +976,14 @@ def layer_candidates(model, transforms=None, trust_checkpoint=False):
     Returns:
         a tuple ``(names, default)``
     """
+    clf = load_classifier(model, transforms=transforms, trust_checkpoint=trust_checkpoint)
+    return _layers_of(clf)
+
+
+def _layers_of(clf):
     from .cams import default_layer, probe_layers
     from .models import input_shape_of
 
-    clf = load_classifier(model, transforms=transforms, trust_checkpoint=trust_checkpoint)
     candidates = probe_layers(clf.module, input_shape_of(clf.transforms))
     names = [c.name for c in reversed(candidates) if c.usable]
     return names, clf.target_layer or default_layer(candidates)
@@ -783,14 +1016,19 @@ def model_layers(spec):
 
     probe_spec, path = layer_probe_spec(os.fspath(spec))
     mtime = os.path.getmtime(path) if path is not None else None
-    names, default = _probed_layers(probe_spec, mtime)
+    names, default, _ = _probe(probe_spec, mtime)
     return list(names), default
 
 
 @functools.lru_cache(maxsize=32)
-def _probed_layers(probe_spec, mtime):
-    # mtime: the probed file's, so that a rewritten file is probed again
-    return layer_candidates(probe_spec)
+def _probe(probe_spec, mtime):
+    """The layers, default layer and class names of a probe specification,
+    from one load (a form asks for both on every change).
+
+    mtime: the probed file's, so that a rewritten file is probed again."""
+    clf = load_classifier(probe_spec)
+    names, default = _layers_of(clf)
+    return tuple(names), default, tuple(clf.classes) if clf.classes else None
 
 
 def model_classes(spec):
@@ -812,14 +1050,9 @@ def model_classes(spec):
         if os.path.isfile(spec):
             return None
         return torchvision_categories(spec)
-    probe_spec, _ = layer_probe_spec(spec)
-    return _probed_classes(probe_spec)
-
-
-@functools.lru_cache(maxsize=32)
-def _probed_classes(probe_spec):
-    classes = load_classifier(probe_spec).classes
-    return tuple(classes) if classes else None
+    probe_spec, path = layer_probe_spec(spec)
+    # (the same probe, and cache entry, as model_layers')
+    return _probe(probe_spec, os.path.getmtime(path) if path is not None else None)[2]
 
 
 def torchvision_classifiers():

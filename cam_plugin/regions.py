@@ -177,6 +177,14 @@ def region_mask(
     raise TypeError(f"cannot rasterise a region from {type(label).__name__}")
 
 
+def segmentation_values(segmentation, width, height, device="cpu"):
+    """A segmentation's mask values on a ``height x width`` grid covering
+    the full image, sampled at the grid's pixel centres (nearest), as an
+    int64 tensor."""
+    cy, cx = pixel_centres(height, width, device=device)
+    return _sample_nearest(_segmentation_array(segmentation), cy, cx).long()
+
+
 def region_labels(label, mask_targets=None):
     """Returns the set of label names present in a region label.
 

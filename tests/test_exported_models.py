@@ -5,10 +5,6 @@ runs; and a delegated run loaded by path in a real worker."""
 
 import io
 import json
-import os
-import subprocess
-import sys
-import time
 import zipfile
 from pathlib import Path
 
@@ -24,9 +20,8 @@ from cam_plugin.cams.exported import ExportedProgramError, check_archive
 from cam_plugin.cifar_resnet import CIFAR10_CLASSES
 from cam_plugin.heatmaps import read_heatmap
 from cam_plugin.models import is_exported_program_file
-from builders import cifar_dataset
+from builders import cifar_dataset, run_delegated
 
-FIFTYONE = os.path.join(os.path.dirname(sys.executable), "fiftyone")
 RUN = dict(heatmap_size=32, num_workers=0, device="cpu", batch_size=4)
 
 
@@ -199,36 +194,20 @@ def test_crafted_archives_are_refused_unopened(exported, tmp_path, monkeypatch, 
 
 
 def test_delegated_run_loads_the_pt2_in_a_worker(exported, dataset_name, cifar_dir, tmp_path):
-    from fiftyone.factory.repo_factory import RepositoryFactory
     from fiftyone.operators.executor import ExecutionRunState
 
     module, path = exported
     dataset = cifar_dataset(dataset_name, cifar_dir, per_class=1)
     _run(dataset, module, "eager")
 
-    log = open(tmp_path / "worker.log", "w")
-    worker = subprocess.Popen([FIFTYONE, "delegated", "launch"], stdout=log, stderr=subprocess.STDOUT)
-    log.close()
-    repo = RepositoryFactory.delegated_operation_repo()
-    try:
-        summary = cam_plugin.compute_cams(
-            dataset, path, heatmap_field="pt2", pred_field="pt2_prediction",
-            label_field="ground_truth", classes=list(CIFAR10_CLASSES),
-            delegate=True, **RUN,
-        )
-        assert len(summary.queued) == 1, summary
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            ops = repo.list_operations(dataset_name=dataset.name)
-            if ops and all(o.run_state in (ExecutionRunState.COMPLETED, ExecutionRunState.FAILED) for o in ops):
-                break
-            time.sleep(0.5)
-    finally:
-        worker.terminate()
-        worker.wait(timeout=30)
-
-    logs = (tmp_path / "worker.log").read_text()[-3000:]
-    assert [o.run_state for o in ops] == [ExecutionRunState.COMPLETED], logs
+    summary = cam_plugin.compute_cams(
+        dataset, path, heatmap_field="pt2", pred_field="pt2_prediction",
+        label_field="ground_truth", classes=list(CIFAR10_CLASSES),
+        delegate=True, **RUN,
+    )
+    assert len(summary.queued) == 1, summary
+    states, logs = run_delegated(dataset, tmp_path / "worker.log")
+    assert states == [ExecutionRunState.COMPLETED], logs
     dataset.reload()
     assert dataset.count("pt2.map_path") == len(dataset)
     _compare(dataset, "eager", "pt2")

@@ -8,10 +8,7 @@ still land whole or not at all."""
 import json
 import os
 import signal
-import subprocess
-import sys
 import textwrap
-import time
 from pathlib import Path
 
 import fiftyone as fo
@@ -19,7 +16,7 @@ import pytest
 from PIL import Image
 
 import cam_plugin
-from builders import cifar_dataset
+from builders import cifar_dataset, run_delegated, run_killed_after_writes
 from cam_plugin.cifar_resnet import CIFAR10_CLASSES
 
 # each CIFAR class judged by a set of two model classes: a class map that
@@ -92,7 +89,6 @@ def test_a_kill_after_database_writes_resumes_exactly(kind, dataset_name, cifar_
     kwargs, fields = _kinds(tmp_path)[kind]
     script = tmp_path / "run.py"
     script.write_text(_SCRIPT)
-    env = dict(os.environ, CAM_PLUGIN_FLUSH_SECONDS="0")  # a write per batch
     finished_at = None
     partial = []
     # every other k: the writes of a run alternate between samples and its
@@ -102,12 +98,7 @@ def test_a_kill_after_database_writes_resumes_exactly(kind, dataset_name, cifar_
         if fo.dataset_exists(name):
             fo.delete_dataset(name)
         dataset = cifar_dataset(name, cifar_dir, per_class=1)
-        proc = subprocess.run(
-            [sys.executable, str(script), name, resnet20, json.dumps(kwargs)],
-            env=dict(env, CAM_PLUGIN_KILL_AFTER_WRITES=str(k)),
-            capture_output=True,
-            timeout=300,
-        )
+        proc = run_killed_after_writes(script, [name, resnet20, json.dumps(kwargs)], k)
         if proc.returncode == 0:
             finished_at = k
             fo.delete_dataset(name)
@@ -175,7 +166,6 @@ def test_a_delegated_run_with_a_class_map_file(dataset_name, cifar_dir, resnet20
     """The class map travels with the queued operation as the run records
     it: the worker judges as an in-process run does, even after the file
     is gone."""
-    from fiftyone.factory.repo_factory import RepositoryFactory
     from fiftyone.operators.executor import ExecutionRunState
 
     kwargs, fields = _kinds(tmp_path)["class_map"]
@@ -183,27 +173,12 @@ def test_a_delegated_run_with_a_class_map_file(dataset_name, cifar_dir, resnet20
     dataset = cifar_dataset(dataset_name, cifar_dir, per_class=2)
     cam_plugin.compute_cams(dataset, resnet20, heatmap_field="here", pred_field="here_prediction", **kwargs)
 
-    fiftyone = os.path.join(os.path.dirname(sys.executable), "fiftyone")
-    log = open(tmp_path / "worker.log", "w")
-    repo = RepositoryFactory.delegated_operation_repo()
     summary = cam_plugin.compute_cams(dataset, resnet20, num_shards=2, delegate=True, **kwargs)
     assert len(summary.queued) == 2
     # the file is read when queued: deleting it does not change the run
     os.remove(kwargs["class_map"])
-    worker = subprocess.Popen([fiftyone, "delegated", "launch"], stdout=log, stderr=subprocess.STDOUT)
-    log.close()
-    try:
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            ops = repo.list_operations(dataset_name=dataset.name)
-            if ops and all(o.run_state in (ExecutionRunState.COMPLETED, ExecutionRunState.FAILED) for o in ops):
-                break
-            time.sleep(0.5)
-    finally:
-        worker.terminate()
-        worker.wait(timeout=30)
-    logs = (tmp_path / "worker.log").read_text()[-3000:]
-    assert [o.run_state for o in ops] == [ExecutionRunState.COMPLETED] * 2, logs
+    states, logs = run_delegated(dataset, tmp_path / "worker.log")
+    assert states == [ExecutionRunState.COMPLETED] * 2, logs
     _check_complete(dataset, fields)
     assert dataset.values("cam_correct") == dataset.values("here_correct")
     assert dataset.values("cam_gt_class.label") == dataset.values("here_gt_class.label")

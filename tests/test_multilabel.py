@@ -316,15 +316,9 @@ def test_the_app_form_and_a_sharded_delegated_run(model, dataset, tmp_path):
     multi-label switch and its threshold; a TorchScript file of the model,
     queued in two shards and computed by a real `fiftyone delegated launch`
     worker, gives the maps an in-process run gives."""
-    import os
-    import subprocess
-    import sys
-    import time
-
-    from fiftyone.factory.repo_factory import RepositoryFactory
     from fiftyone.operators.executor import ExecutionRunState
 
-    from builders import form_errors, resolve_form
+    from builders import form_errors, resolve_form, run_delegated
 
     path = str(tmp_path / "two_objects.pt")
     torch.jit.script(model).save(path)
@@ -342,28 +336,13 @@ def test_the_app_form_and_a_sharded_delegated_run(model, dataset, tmp_path):
     cam_plugin.compute_cams(dataset, path, heatmap_field="here", pred_field="here_prediction",
                             num_workers=0, **by_file)
 
-    fiftyone = os.path.join(os.path.dirname(sys.executable), "fiftyone")
-    log = open(tmp_path / "worker.log", "w")
-    worker = subprocess.Popen([fiftyone, "delegated", "launch"], stdout=log, stderr=subprocess.STDOUT)
-    log.close()
-    repo = RepositoryFactory.delegated_operation_repo()
-    try:
-        summary = cam_plugin.compute_cams(
-            dataset, path, heatmap_field="queued", pred_field="queued_prediction",
-            num_shards=2, delegate=True, **by_file,
-        )
-        assert len(summary.queued) == 2, summary
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            ops = repo.list_operations(dataset_name=dataset.name)
-            if ops and all(o.run_state in (ExecutionRunState.COMPLETED, ExecutionRunState.FAILED) for o in ops):
-                break
-            time.sleep(0.5)
-    finally:
-        worker.terminate()
-        worker.wait(timeout=30)
-    logs = (tmp_path / "worker.log").read_text()[-3000:]
-    assert [o.run_state for o in ops] == [ExecutionRunState.COMPLETED] * 2, logs
+    summary = cam_plugin.compute_cams(
+        dataset, path, heatmap_field="queued", pred_field="queued_prediction",
+        num_shards=2, delegate=True, **by_file,
+    )
+    assert len(summary.queued) == 2, summary
+    states, logs = run_delegated(dataset, tmp_path / "worker.log")
+    assert states == [ExecutionRunState.COMPLETED] * 2, logs
     dataset.reload()
     assert cam_plugin.get_run(dataset, "queued")["class_fields"] == {"red": "queued_red", "blue": "queued_blue"}
     assert dataset.count("queued_prediction") == len(dataset)

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 import cam_plugin
-from builders import cifar_dataset
+from builders import cifar_dataset, run_killed_after_writes
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +65,6 @@ def test_a_kill_after_any_database_write_resumes_exactly(dataset_name, cifar_dir
     database write, for every k until a run finishes first, then resume."""
     script = tmp_path / "run.py"
     script.write_text(_RUN_SCRIPT)
-    env = dict(os.environ, CAM_PLUGIN_FLUSH_SECONDS="0")  # a write per batch
     finished_at = None
     stored_before_resume = []
     for k in range(1, 60):
@@ -73,12 +72,7 @@ def test_a_kill_after_any_database_write_resumes_exactly(dataset_name, cifar_dir
         if fo.dataset_exists(name):
             fo.delete_dataset(name)
         dataset = cifar_dataset(name, cifar_dir, per_class=1)
-        proc = subprocess.run(
-            [sys.executable, str(script), name, resnet20],
-            env=dict(env, CAM_PLUGIN_KILL_AFTER_WRITES=str(k)),
-            capture_output=True,
-            timeout=300,
-        )
+        proc = run_killed_after_writes(script, [name, resnet20], k)
         if proc.returncode == 0:
             finished_at = k
             fo.delete_dataset(name)
@@ -299,10 +293,7 @@ def test_lambda_transforms_resume_in_another_process(dataset_name, cifar_dir, re
     script = tmp_path / "run.py"
     script.write_text(_LAMBDA_SCRIPT)
     env = dict(os.environ, CAM_PLUGIN_FLUSH_SECONDS="0")
-    killed = subprocess.run(
-        [sys.executable, str(script), dataset_name, resnet20],
-        env=dict(env, CAM_PLUGIN_KILL_AFTER_WRITES="9"), capture_output=True, timeout=300,
-    )
+    killed = run_killed_after_writes(script, [dataset_name, resnet20], 9)
     assert killed.returncode == -signal.SIGKILL
     dataset.reload()
     done = dataset.count("cam")

@@ -16,7 +16,8 @@ class LoadedSample:
 
     Attributes:
         index: its position in the input lists
-        tensor: the (C, H, W) model input
+        tensor: the (C, H, W) model input; with variants, the (K, C, H, W)
+            inputs of the K images made from it
         size: the full image's (width, height), orientation applied
         window: where the input lies in the full image frame
             (:meth:`cam_plugin.frames.Window.as_tuple`)
@@ -30,12 +31,19 @@ class LoadedSample:
 
 class SampleImages(torch.utils.data.Dataset):
     """The images at ``filepaths`` through ``transforms``; item ``i`` is a
-    :class:`LoadedSample` or a :class:`SampleError`."""
+    :class:`LoadedSample` or a :class:`SampleError`.
 
-    def __init__(self, filepaths, transforms, min_side):
+    ``variants`` (optional) makes several inputs of each image, decoded
+    once: a callable ``(index, image) -> [PIL images]`` of the image's size
+    (the image itself, edited copies), run in the workers; an exception it
+    raises fails that sample alone (:class:`~cam_plugin.engine.ErrorKind`
+    ``INPUT``, with the message)."""
+
+    def __init__(self, filepaths, transforms, min_side, variants=None):
         self.filepaths = filepaths
         self.transforms = transforms
         self.min_side = min_side
+        self.variants = variants
         self._windows = {}
 
     def __len__(self):
@@ -47,24 +55,35 @@ class SampleImages(torch.utils.data.Dataset):
             img, (full_w, full_h) = load_rgb(path, min_side=self.min_side)
         except ImageError as e:
             return SampleError(index, ErrorKind.IMAGE, str(e))
+        images = [img]
+        if self.variants is not None:
+            try:
+                images = self.variants(index, img)
+            except Exception as e:  # a region that cannot be read, say
+                return SampleError(index, ErrorKind.INPUT, f"{e} ({path})")
         try:
-            tensor = self.transforms(img)
-            if not isinstance(tensor, torch.Tensor) or tensor.ndim != 3:
-                raise TransformError(
-                    "transforms must return a (channels, height, width) tensor, "
-                    f"got {type(tensor).__name__} {tuple(getattr(tensor, 'shape', ()))}"
-                )
-            if not tensor.is_floating_point():
-                raise TransformError(
-                    f"transforms returned a {tensor.dtype} tensor; add ToTensor() "
-                    "or ToDtype(torch.float32, scale=True)"
-                )
+            tensors = [self._input(image) for image in images]
+            tensor = tensors[0] if self.variants is None else torch.stack(tensors)
             window = self._window(img.size, tuple(tensor.shape[-2:]))
         except Exception as e:  # a transform failing on one image
             return SampleError(index, ErrorKind.PREPROCESS, f"{type(e).__name__}: {e} ({path})")
 
         window = window.scaled(full_w / img.size[0], full_h / img.size[1])
         return LoadedSample(index, tensor, (full_w, full_h), window.as_tuple())
+
+    def _input(self, img):
+        tensor = self.transforms(img)
+        if not isinstance(tensor, torch.Tensor) or tensor.ndim != 3:
+            raise TransformError(
+                "transforms must return a (channels, height, width) tensor, "
+                f"got {type(tensor).__name__} {tuple(getattr(tensor, 'shape', ()))}"
+            )
+        if not tensor.is_floating_point():
+            raise TransformError(
+                f"transforms returned a {tensor.dtype} tensor; add ToTensor() "
+                "or ToDtype(torch.float32, scale=True)"
+            )
+        return tensor
 
     def _window(self, size, out_hw):
         key = (size, out_hw)
@@ -130,11 +149,13 @@ def collate_groups(items):
     return LoadedBatch(groups, failed)
 
 
-def image_loader(filepaths, transforms, min_side, batch_size, num_workers, pin_memory=False):
-    """A DataLoader of :class:`LoadedBatch` over the images; workers are used
-    only when there is more than one batch to decode."""
+def image_loader(filepaths, transforms, min_side, batch_size, num_workers, pin_memory=False,
+                 variants=None):
+    """A DataLoader of :class:`LoadedBatch` over the images (``variants``:
+    see :class:`SampleImages`); workers are used only when there is more
+    than one batch to decode."""
     return torch.utils.data.DataLoader(
-        SampleImages(filepaths, transforms, min_side=min_side),
+        SampleImages(filepaths, transforms, min_side=min_side, variants=variants),
         batch_size=batch_size,
         num_workers=num_workers if len(filepaths) > batch_size else 0,
         collate_fn=collate_groups,

@@ -12,6 +12,7 @@ from .records import (
     field_owners,
     get_run,
     list_runs,
+    multilabel_run,
 )
 
 __all__ = [
@@ -23,4 +24,5 @@ __all__ = [
     "field_owners",
     "get_run",
     "list_runs",
+    "multilabel_run",
 ]

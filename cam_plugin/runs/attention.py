@@ -46,19 +46,74 @@ def metric_field(heatmap_field, metric):
     return f"{heatmap_field}_{metric}"
 
 
-def _embedded_type(samples, field_name):
+def embedded_type(samples, field_name):
+    """The label type an embedded-document field holds, or None."""
     field = samples.get_field(field_name)
     if isinstance(field, fo.EmbeddedDocumentField):
         return field.document_type
     return None
 
 
-def _cam_run_of(samples, heatmap_field):
-    owner = records.field_owners(samples).get(heatmap_field)
+def cam_run_of(samples, field):
+    """The key and record of the CAM run that made ``field`` (a heatmap or
+    predictions field), or ``(None, {})``."""
+    owner = records.field_owners(samples).get(field)
     if owner is None:
         return None, {}
     config = records.get_run(samples, owner)
     return (owner, config) if config.get("method") == records.CAM_RUN else (None, {})
+
+
+def image_class_field(samples, cam_config, label_field=None):
+    """The ``fo.Classification`` field of each image's class that a run
+    measuring the CAM run ``cam_config``'s outputs finds its region by:
+    ``label_field`` if given, else the CAM run's (a run judging by a class
+    map or by objects stores each image's class in a field of its own),
+    or None."""
+    if label_field is None or label_field == cam_config.get("label_field"):
+        label_field = cam_config.get("gt_class_field") or cam_config.get("label_field")
+    if label_field is not None and embedded_type(samples, label_field) is not fo.Classification:
+        raise AttentionError(
+            f"label_field '{label_field}' must be an fo.Classification field (the "
+            "image's class); to use objects as ground truth, pass them to "
+            "compute_cams(label_field=...), whose run stores each image's class"
+        )
+    return label_field
+
+
+def check_region_field(samples, region_field):
+    """The ``{value: name}`` mask targets of a region field, after checking
+    that it holds regions (:data:`REGION_TYPES`)."""
+    rtype = embedded_type(samples, region_field)
+    if rtype not in REGION_TYPES:
+        raise AttentionError(
+            f"region_field '{region_field}' must hold detections, "
+            "polylines, a segmentation or a heatmap; it holds "
+            f"{rtype.__name__ if rtype else 'no labels'}"
+        )
+    masks = samples.mask_targets.get(region_field) or samples.default_mask_targets
+    return {int(k): v for k, v in (masks or {}).items()}
+
+
+def check_region_classes(region_classes):
+    """``"gt"``, ``"all"`` or a sorted list of names."""
+    if isinstance(region_classes, str) and region_classes not in ("gt", "all"):
+        raise AttentionError("region_classes must be 'gt', 'all' or a list of label names")
+    return region_classes if isinstance(region_classes, str) else sorted(region_classes)
+
+
+def region_classes_of(label, region_classes, gt_label, mask_targets, label_class=None):
+    """The classes whose objects form one sample's region (None: all of
+    them), under a run's ``region_classes`` rule: ``"gt"``, the image's
+    class (``gt_label``; all objects when none of them has it), ``"all"``,
+    or a list of names."""
+    if region_classes == "all":
+        return None
+    if region_classes == "gt" and label_class is not None:
+        return {label_class}
+    if region_classes == "gt":
+        return default_region_classes(gt_label, region_labels(label, mask_targets))
+    return set(region_classes)
 
 
 class AttentionRunType(RunType):
@@ -66,6 +121,8 @@ class AttentionRunType(RunType):
     construction, executed by the driver."""
 
     method = records.ATTENTION_RUN
+    #: the arguments compute_attention takes by position
+    positional = ("heatmap_field", "region_field")
 
     def __init__(
         self,
@@ -100,60 +157,31 @@ class AttentionRunType(RunType):
         self.batch_size = batch_size
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
-        if _embedded_type(samples, heatmap_field) is not fo.Heatmap:
+        if embedded_type(samples, heatmap_field) is not fo.Heatmap:
             raise AttentionError(
                 f"'{heatmap_field}' is not an fo.Heatmap field of dataset "
                 f"'{self.dataset.name}'"
             )
 
-        self.cam_key, cam_config = _cam_run_of(samples, heatmap_field)
+        self.cam_key, cam_config = cam_run_of(samples, heatmap_field)
         if gt_heatmap_field is None:
             targets = cam_config.get("targets") or {}
             gt_heatmap_field = targets.get("gt") if targets.get("pred") == heatmap_field else None
-        if gt_heatmap_field is not None and _embedded_type(samples, gt_heatmap_field) is not fo.Heatmap:
+        if gt_heatmap_field is not None and embedded_type(samples, gt_heatmap_field) is not fo.Heatmap:
             raise AttentionError(f"'{gt_heatmap_field}' is not an fo.Heatmap field")
         self.gt_heatmap_field = gt_heatmap_field
 
         # a multi-label run's field of one class: its region is that
         # class's objects (region_classes="gt"), whatever else is labelled
-        self.label_class = next(
-            (c for c, f in (cam_config.get("class_fields") or {}).items() if f == heatmap_field), None
-        ) if cam_config.get("multilabel") else None
+        self.label_class = records.label_class(cam_config, heatmap_field)
         if self.label_class is not None and label_field in (None, cam_config.get("label_field")):
             label_field = None
-        elif label_field is None or label_field == cam_config.get("label_field"):
-            # a run judging by a class map or by objects stores each image's
-            # class in a field of its own: the objects of that class are
-            # the region
-            label_field = cam_config.get("gt_class_field") or cam_config.get("label_field")
-        if label_field is not None and _embedded_type(samples, label_field) is not fo.Classification:
-            raise AttentionError(
-                f"label_field '{label_field}' must be an fo.Classification field (the "
-                "image's class); to use objects as ground truth, pass them to "
-                "compute_cams(label_field=...), whose run stores each image's class"
-            )
+        else:
+            label_field = image_class_field(samples, cam_config, label_field)
         self.label_field = label_field
 
-        if region_field is not None:
-            rtype = _embedded_type(samples, region_field)
-            if rtype not in REGION_TYPES:
-                raise AttentionError(
-                    f"region_field '{region_field}' must hold detections, "
-                    "polylines, a segmentation or a heatmap; it holds "
-                    f"{rtype.__name__ if rtype else 'no labels'}"
-                )
-            masks = samples.mask_targets.get(region_field) or samples.default_mask_targets
-            self.mask_targets = {int(k): v for k, v in (masks or {}).items()}
-        else:
-            self.mask_targets = {}
-
-        if isinstance(region_classes, str) and region_classes not in ("gt", "all"):
-            raise AttentionError(
-                "region_classes must be 'gt', 'all' or a list of label names"
-            )
-        self.region_classes = (
-            region_classes if isinstance(region_classes, str) else sorted(region_classes)
-        )
+        self.mask_targets = check_region_field(samples, region_field) if region_field is not None else {}
+        self.region_classes = check_region_classes(region_classes)
 
         self.map_fields = [heatmap_field] + ([gt_heatmap_field] if gt_heatmap_field else [])
         self._fields = {}
@@ -212,7 +240,7 @@ class AttentionRunType(RunType):
         n = len(chunk)
         out = {name: {} for name in self._fields}
 
-        maps = {f: list(pool.map(_load_map, data[f])) for f in self.map_fields}
+        maps = {f: list(pool.map(load_map, data[f])) for f in self.map_fields}
 
         regions = [None] * n
         tolerances = [self.tolerance] * n
@@ -282,16 +310,8 @@ class AttentionRunType(RunType):
         if label is None:
             return None
 
-        if self.region_classes == "all":
-            classes = None
-        elif self.region_classes == "gt" and self.label_class is not None:
-            classes = {self.label_class}
-        elif self.region_classes == "gt":
-            gt = data[f"{self.label_field}.label"][i] if self.label_field else None
-            classes = default_region_classes(gt, region_labels(label, self.mask_targets))
-        else:
-            classes = set(self.region_classes)
-
+        gt = data[f"{self.label_field}.label"][i] if self.label_field else None
+        classes = region_classes_of(label, self.region_classes, gt, self.mask_targets, self.label_class)
         return region_mask(
             label,
             width,
@@ -317,7 +337,9 @@ class AttentionRunType(RunType):
             return None
 
 
-def _load_map(label):
+def load_map(label):
+    """A heatmap label's map as a float32 array (its stored levels), or
+    None when there is none or it cannot be read."""
     if label is None:
         return None
     if label.map is not None:

@@ -112,6 +112,9 @@ class RunType:
     """
 
     method = None
+    #: the arguments its compute_* function takes by position (after the
+    #: samples), named as the operator that runs a delegated shard takes them
+    positional = ()
 
     def __init_subclass__(cls, **kwargs):
         # a new kind of run is listed, resumed and deleted like the others

@@ -336,20 +336,12 @@ class CamRunType(RunType):
                 raise CamError("class_map maps ground-truth labels: pass label_field too")
             return
 
-        field = self.samples.get_field(self.label_field)
-        if field is None:
-            raise CamError(
-                f"label_field '{self.label_field}' does not exist on dataset "
-                f"'{self.dataset.name}'"
-            )
-        doc_type = field.document_type if isinstance(field, fo.EmbeddedDocumentField) else None
-        if doc_type is None or not issubclass(doc_type, LABEL_TYPES):
-            raise CamError(
-                f"label_field '{self.label_field}' must hold fo.Classification labels (the "
-                "ground-truth class of each image), or fo.Detections / fo.Polylines (the "
-                "image's class is then its largest object's, see label_rule)"
-            )
-        self._label_type = next(t for t in LABEL_TYPES if issubclass(doc_type, t))
+        self._label_type = self._label_type_of(
+            LABEL_TYPES,
+            "fo.Classification labels (the ground-truth class of each image), or "
+            "fo.Detections / fo.Polylines (the image's class is then its largest object's, "
+            "see label_rule)",
+        )
 
         classes = self.classifier.classes
         if classes is None:
@@ -425,20 +417,11 @@ class CamRunType(RunType):
         self._index = {c: i for i, c in enumerate(classes)}
         if self.label_field is None:
             return
-        field = self.samples.get_field(self.label_field)
-        doc_type = field.document_type if isinstance(field, fo.EmbeddedDocumentField) else None
-        types = (fo.Classifications,) + LABEL_TYPES
-        if field is None:
-            raise CamError(
-                f"label_field '{self.label_field}' does not exist on dataset '{self.dataset.name}'"
-            )
-        if doc_type is None or not issubclass(doc_type, types):
-            raise CamError(
-                f"label_field '{self.label_field}' must hold fo.Classifications (the image's "
-                "labels), fo.Classification, or fo.Detections / fo.Polylines (every object's "
-                "class is a label of the image)"
-            )
-        self._label_type = next(t for t in types if issubclass(doc_type, t))
+        self._label_type = self._label_type_of(
+            (fo.Classifications,) + LABEL_TYPES,
+            "fo.Classifications (the image's labels), fo.Classification, or fo.Detections / "
+            "fo.Polylines (every object's class is a label of the image)",
+        )
         self.label_rule = "all" if self._label_type in (fo.Detections, fo.Polylines) else None
         self.gt_class_field = f"{self.heatmap_field}_gt_labels"
         path = self._label_paths()[0]
@@ -452,6 +435,19 @@ class CamRunType(RunType):
             )
             self.warnings.append(message)
             warnings.warn(message, UnmappedLabelsWarning)
+
+    def _label_type_of(self, types, accepted):
+        """Which of ``types`` ``label_field`` holds; refused, saying what it
+        must hold (``accepted``), when it is missing or holds another."""
+        field = self.samples.get_field(self.label_field)
+        if field is None:
+            raise CamError(
+                f"label_field '{self.label_field}' does not exist on dataset '{self.dataset.name}'"
+            )
+        doc_type = field.document_type if isinstance(field, fo.EmbeddedDocumentField) else None
+        if doc_type is None or not issubclass(doc_type, types):
+            raise CamError(f"label_field '{self.label_field}' must hold {accepted}")
+        return next(t for t in types if issubclass(doc_type, t))
 
     def _check_classification_labels(self, classes):
         # an fo.Classification field without a class map: its labels must be

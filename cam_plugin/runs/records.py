@@ -23,7 +23,11 @@ from ..store import faults
 
 CAM_RUN = "cam_plugin.compute_cams"
 ATTENTION_RUN = "cam_plugin.compute_attention"
-RUN_METHODS = [CAM_RUN, ATTENTION_RUN]
+RELIANCE_RUN = "cam_plugin.compute_reliance"
+CONTEXT_RUN = "cam_plugin.compute_context"
+# (listed here, not only when their modules are imported: a dataset's runs
+# are listed and deleted by processes that never ran one of them)
+RUN_METHODS = [CAM_RUN, ATTENTION_RUN, RELIANCE_RUN, CONTEXT_RUN]
 
 #: a running shard whose heartbeat is older than this is stale (its worker
 #: died or lost the database); on the worker's own host a dead process is
@@ -90,6 +94,24 @@ def _doc_id(dataset, key):
     if run_doc is None:
         raise RunError(f"Dataset '{dataset.name}' has no run '{key}'")
     return run_doc.id
+
+
+def multilabel_run(samples, heatmap_field):
+    """The record of the multi-label CAM run given ``heatmap_field``
+    (whose ``class_fields`` maps each class to its heatmap field), or None."""
+    for key in list_runs(samples, CAM_RUN):
+        config = get_run(samples, key, derive=False)
+        if config.get("multilabel") and config.get("heatmap_field") == heatmap_field:
+            return config
+    return None
+
+
+def label_class(config, heatmap_field):
+    """The class whose maps ``heatmap_field`` holds, when ``config`` is the
+    record of the multi-label CAM run that made it; None otherwise."""
+    if not config.get("multilabel"):
+        return None
+    return next((c for c, f in (config.get("class_fields") or {}).items() if f == heatmap_field), None)
 
 
 def get_run(samples, key, derive=True):

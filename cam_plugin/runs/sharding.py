@@ -71,8 +71,17 @@ def queue(run_cls, operator, samples, model_or_args, params, options):
             # as the run records it
             op_params["class_map"] = run_type.class_map.to_record()
     else:
+        model = params.get("model")
+        if model is not None and not isinstance(model, (str, os.PathLike)):
+            raise RunError(
+                f"A model given as an in-memory {type(model).__name__} cannot be "
+                "delegated: workers load it again by name or path (or leave model "
+                "out to use the CAM run's)"
+            )
         run_type = run_cls(samples, *model_or_args, **params)
-        op_params = dict(params, heatmap_field=model_or_args[0], region_field=model_or_args[1])
+        op_params = dict(params, **dict(zip(run_cls.positional, model_or_args)))
+        if model is not None:
+            op_params["model"] = os.fspath(model)
     try:
         record, config, resumed = _open_record(
             run_type, options.get("overwrite", False), num_shards, options.get("output_root")

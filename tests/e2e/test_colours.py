@@ -90,6 +90,37 @@ def _tooltip(page, field, text):
     page.get_by_text(text, exact=False).first.wait_for(timeout=15_000)
 
 
+def _painted_grid(page, path, plain, timeout=90):
+    """A settled screenshot of the grid once every tile shows its heatmap
+    (every test sample has both maps): a grid can look settled while the
+    maps' images are still being fetched, one tile after the other (CI
+    once caught it with an eighth of them drawn)."""
+    deadline = time.time() + timeout
+    while True:
+        shot = _settled(page, path)
+        origin = page.locator('[data-cy="fo-grid"]').bounding_box()
+        lookers = page.locator('[data-cy="looker"]')
+        unpainted = 0
+        tiles = 0
+        for i in range(lookers.count()):
+            box = lookers.nth(i).bounding_box()
+            if box is None:
+                continue
+            x0, y0 = int(box["x"] - origin["x"]) + 2, int(box["y"] - origin["y"]) + 2
+            x1, y1 = x0 + int(box["width"]) - 4, y0 + int(box["height"] * 0.8)
+            if x0 < 0 or y0 < 0 or x1 > shot.shape[1] or y1 > shot.shape[0] or shot.shape != plain.shape:
+                continue  # a tile only partly on screen
+            tiles += 1
+            region = (slice(y0, y1), slice(x0, x1))
+            if (np.abs(shot[region] - plain[region]).max(axis=2) > 30).mean() < 0.005:
+                unpainted += 1
+        if tiles and not unpainted:
+            return shot
+        if time.time() > deadline:
+            raise AssertionError(f"{unpainted} of {tiles} tiles still showed no heatmap after {timeout} s ({path.name})")
+        time.sleep(2)
+
+
 def _shots_over_one_grid(page, shots, attempts=3):
     """Screenshots of the grid without a heatmap, with ``cam`` and with
     ``cam_gt``, taken over the very same grid: the shot without a heatmap
@@ -101,9 +132,9 @@ def _shots_over_one_grid(page, shots, attempts=3):
             _show_only(page, [])
             plain = _settled(page, shots / "app-colours-none.png")
             _show_only(page, ["cam"])
-            cam = _settled(page, shots / "app-colours-cam.png")
+            cam = _painted_grid(page, shots / "app-colours-cam.png", plain)
             _show_only(page, ["cam_gt"])
-            gt = _settled(page, shots / "app-colours-cam-gt.png")
+            gt = _painted_grid(page, shots / "app-colours-cam-gt.png", plain)
             _show_only(page, [])
             again = _settled(page, shots / "app-colours-none-again.png")
         finally:

@@ -1,0 +1,393 @@
+"""The reliance run type: does the prediction depend on the background?
+Each image goes through the model three times in one batch, decoded once:
+as it is, with its background painted over, and with its labelled object
+painted over (:mod:`cam_plugin.interventions`).
+
+With ``p(.)`` the softmax probability of the class the model predicts on
+the unmodified image, for the prefix ``P`` this writes:
+
+-   ``P_bg_removed_confidence``: p with every pixel outside the region
+    replaced by the fill; ``P_bg_removed_label``: the top class then
+-   ``P_obj_removed_confidence``: p with every pixel inside the region
+    replaced; ``P_obj_removed_label``: the top class then
+-   ``P_bg_reliance`` = (p_obj_removed - p_bg_removed) / p: near +1 when the
+    background carries the prediction, near -1 when the object does
+-   ``P_bg_flip``, ``P_obj_flip``: whether the top class changes
+-   ``P_reliance_class``: the class measured (the unmodified image's top
+    class), ``P_reliance_error``: why a sample could not be tested
+-   with ``fill="swap"``, ``P_swap_source``: the id of the sample whose
+    background was used
+"""
+
+import hashlib
+import os
+
+import numpy as np
+import torch
+
+import fiftyone as fo
+
+from ..cams.capture import logits_of
+from ..engine import BatchRunner, ErrorKind, SampleError, image_loader, run_loader
+from ..images import load_rgb
+from ..interventions import check_fill, fill_image, interventions, swap_background
+from ..models import input_shape_of, load_classifier
+from ..regions import region_mask
+from ..store.writer import SampleOutput
+from . import records
+from .attention import (
+    AttentionError,
+    cam_run_of,
+    check_region_classes,
+    check_region_field,
+    image_class_field,
+    region_classes_of,
+)
+from .base import RunType, check_collection, stable_identity, values_by_id
+
+#: the fields a reliance run writes, after its prefix
+RELIANCE_FIELDS = {
+    "bg_removed_confidence": fo.FloatField,
+    "obj_removed_confidence": fo.FloatField,
+    "bg_reliance": fo.FloatField,
+    "bg_flip": fo.BooleanField,
+    "obj_flip": fo.BooleanField,
+    "bg_removed_label": fo.StringField,
+    "obj_removed_label": fo.StringField,
+    "reliance_class": fo.StringField,
+    "reliance_error": fo.StringField,
+}
+
+
+class RelianceError(AttentionError):
+    """A reliance test that cannot be run as asked."""
+
+
+def reliance_field(prefix, name):
+    """The name of a reliance field: ``<prefix>_<name>``."""
+    return f"{prefix}_{name}"
+
+
+class RelianceRunType(RunType):
+    """One :func:`cam_plugin.compute_reliance` run: validated on
+    construction, executed by the driver."""
+
+    method = records.RELIANCE_RUN
+
+    def __init__(
+        self,
+        samples,
+        model=None,
+        region_field=None,
+        pred_field="cam_prediction",
+        prefix="cam",
+        region_classes=None,
+        fill="mean",
+        seed=0,
+        classes=None,
+        transforms=None,
+        label_field=None,
+        mask_values=None,
+        heatmap_threshold=0.5,
+        batch_size=None,
+        num_workers=None,
+        device=None,
+        run_key=None,
+        trust_checkpoint=False,
+    ):
+        samples = check_collection(samples)
+        self.samples = samples
+        self.dataset = samples._root_dataset
+        if not isinstance(prefix, str) or not prefix.isidentifier():
+            raise RelianceError(
+                f"Invalid prefix {prefix!r}: use letters, digits and underscores, starting "
+                "with a letter (the fields are <prefix>_bg_reliance, <prefix>_bg_flip, ...)"
+            )
+        self.prefix = prefix
+        self.key = run_key or f"{prefix}_reliance"
+        self.fill = check_fill(fill)
+        self.seed = int(seed)
+        self.pred_field = pred_field
+        self.warnings = []
+        if region_field is None:
+            raise RelianceError(
+                "region_field is required: the labelled objects (boxes, polygons, masks) "
+                "whose pixels are painted over, and outside which is the background"
+            )
+        self.region_field = region_field
+        self.mask_targets = check_region_field(samples, region_field)
+        self.region_classes = check_region_classes("gt" if region_classes is None else region_classes)
+        self.mask_values = sorted(int(v) for v in mask_values) if mask_values is not None else None
+        self.heatmap_threshold = float(heatmap_threshold)
+
+        self.cam_key, cam_config = cam_run_of(samples, pred_field)
+        if cam_config.get("multilabel"):
+            raise RelianceError(
+                f"'{pred_field}' holds a multi-label run's predictions; compute_reliance "
+                "tests one softmax prediction per image"
+            )
+        self.heatmap_field = cam_config.get("heatmap_field")
+        self.label_field = image_class_field(samples, cam_config, label_field)
+
+        if model is None:
+            model = cam_config.get("model_spec")
+            if model is None:
+                raise RelianceError(
+                    "Pass model=...: "
+                    + (
+                        f"the CAM run '{self.cam_key}' was given an in-memory model, which "
+                        "cannot be loaded again"
+                        if self.cam_key
+                        else f"no CAM run made '{pred_field}', so there is no model to load again"
+                    )
+                )
+        if classes is None and cam_config.get("classes"):
+            classes = cam_config["classes"]
+        self.model_spec = os.fspath(model) if isinstance(model, (str, os.PathLike)) else None
+        self.classifier = load_classifier(
+            model, transforms=transforms, classes=classes, trust_checkpoint=trust_checkpoint
+        )
+        if cam_config:
+            if cam_config.get("model_fingerprint") not in (None, self.classifier.fingerprint):
+                self.warnings.append(
+                    f"The model differs from the one CAM run '{self.cam_key}' used "
+                    f"({cam_config.get('model')}): the reliance fields describe this model"
+                )
+            if cam_config.get("transforms") != stable_identity(self.classifier.transforms):
+                self.warnings.append(
+                    f"The transforms differ from those of CAM run '{self.cam_key}': the "
+                    "reliance fields describe this preprocessing"
+                )
+        for message in self.warnings:
+            import warnings
+
+            warnings.warn(message, stacklevel=3)
+
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.batch_size = batch_size or (64 if self.device.type == "cuda" else 16)
+        self.num_workers = (
+            num_workers if num_workers is not None else min(8, max(1, (os.cpu_count() or 2) // 2))
+        )
+
+        names = dict(RELIANCE_FIELDS, **({"swap_source": fo.StringField} if self.fill == "swap" else {}))
+        self._fields = {reliance_field(prefix, name): (ftype, None) for name, ftype in names.items()}
+        self.error_field = reliance_field(prefix, "reliance_error")
+        self.done_fields = (reliance_field(prefix, "bg_reliance"),)
+        records.check_fields(samples, self.key, self._fields)
+
+        # the model moves to the device for the run and back afterwards
+        module = self.classifier.module
+        self._restore_device = next((p.device for p in module.parameters()), torch.device("cpu"))
+        module.to(self.device)
+        self.input_shape = input_shape_of(self.classifier.transforms)
+
+    def config(self):
+        clf = self.classifier
+        return {
+            "model": clf.name,
+            "model_spec": self.model_spec,
+            "model_fingerprint": clf.fingerprint,
+            "transforms": stable_identity(clf.transforms),
+            "classes": list(clf.classes) if clf.classes else None,
+            "prefix": self.prefix,
+            "pred_field": self.pred_field,
+            "heatmap_field": self.heatmap_field,
+            "label_field": self.label_field,
+            "region_field": self.region_field,
+            "region_classes": self.region_classes,
+            "mask_values": self.mask_values,
+            "heatmap_threshold": self.heatmap_threshold,
+            "fill": self.fill,
+            "seed": self.seed if self.fill == "swap" else None,
+        }
+
+    def fields(self):
+        return dict(self._fields)
+
+    def depends_on(self):
+        return [self.cam_key] if self.cam_key else []
+
+    def outputs(self, ids, files):
+        if not ids:
+            return
+        label_path = f"{self.label_field}.label" if self.label_field else None
+        paths = ["filepath", self.region_field] + ([label_path] if label_path else [])
+        rows = values_by_id(self.samples, ids, paths)
+        ids = [i for i in ids if i in rows]  # without samples deleted since
+        partners = self._partners(ids, rows) if self.fill == "swap" else {}
+        partner_rows = values_by_id(self.samples, sorted(set(partners.values())), paths) if partners else {}
+
+        def region_of(row):
+            gt = row[2] if label_path else None
+            label = row[1]
+            return label, region_classes_of(label, self.region_classes, gt, self.mask_targets)
+
+        variants = _Interventions(
+            regions=[region_of(rows[i]) for i in ids],
+            fill=self.fill,
+            partners=[
+                (partner_rows[partners[i]][0], *region_of(partner_rows[partners[i]]))
+                if partners.get(i) in partner_rows else None
+                for i in ids
+            ],
+            region_options=dict(
+                mask_values=self.mask_values,
+                mask_targets=self.mask_targets,
+                heatmap_threshold=self.heatmap_threshold,
+            ),
+            region_field=self.region_field,
+            min_side=max(self.input_shape[-2:]),
+        )
+        loader = image_loader(
+            [rows[i][0] for i in ids],
+            self.classifier.transforms,
+            min_side=max(self.input_shape[-2:]),
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            pin_memory=self.device.type == "cuda",
+            variants=variants,
+        )
+        module = self.classifier.module
+        names = self.classifier.classes
+
+        def compute(group):
+            inputs = group.tensor.to(self.device, non_blocking=True)
+            n, k = inputs.shape[:2]
+            with torch.no_grad():
+                logits = logits_of(module(inputs.flatten(0, 1))).float()
+            probs = torch.softmax(logits, dim=1).view(n, k, -1)
+            top = probs.argmax(dim=2)  # (n, k)
+            cls = top[:, 0]
+            p = probs.gather(2, cls[:, None, None].expand(n, k, 1))[:, :, 0]
+            return list(zip(cls.tolist(), p.tolist(), top.tolist()))
+
+        runner = BatchRunner(compute, self.batch_size)
+        failures = []
+        succeeded = 0
+        for outcomes in run_loader(loader, runner):
+            batch = []
+            for index, result in outcomes:
+                sample_id = ids[index]
+                if isinstance(result, SampleError):
+                    failures.append(result)
+                    batch.append(self.failure(sample_id, result))
+                    continue
+                succeeded += 1
+                values = self._values(result, names)
+                if self.fill == "swap":
+                    values[reliance_field(self.prefix, "swap_source")] = partners[sample_id]
+                batch.append(SampleOutput(sample_id, values))
+            yield batch
+            if not succeeded:
+                _check_all_failing(failures)
+
+    def _values(self, result, names):
+        cls, (p, p_bg, p_obj), (_, top_bg, top_obj) = result
+
+        def name(i):
+            return names[i] if names else str(i)
+
+        values = {
+            "bg_removed_confidence": float(p_bg),
+            "obj_removed_confidence": float(p_obj),
+            "bg_reliance": float((p_obj - p_bg) / p) if p > 0 else 0.0,
+            "bg_flip": top_bg != cls,
+            "obj_flip": top_obj != cls,
+            "bg_removed_label": name(top_bg),
+            "obj_removed_label": name(top_obj),
+            "reliance_class": name(cls),
+        }
+        return {reliance_field(self.prefix, k): v for k, v in values.items()}
+
+    def _partners(self, ids, rows):
+        """For ``fill="swap"``: the sample whose background each sample gets,
+        of another class (its ground truth, else its prediction), the same
+        in every shard and process for a given ``seed``."""
+        class_field = self.label_field or self.pred_field
+        if class_field in self.samples.get_field_schema():
+            pool, pool_classes = self.samples.values(["id", f"{class_field}.label"])
+        else:
+            # no classes known: any other sample lends its background
+            pool = self.samples.values("id")
+            pool_classes = [None] * len(pool)
+        order = np.argsort(pool)
+        pool = [pool[i] for i in order]
+        pool_classes = [pool_classes[i] for i in order]
+        class_of = dict(zip(pool, pool_classes))
+        partners = {}
+        for sample_id in ids:
+            own = class_of.get(sample_id)
+            chosen = None
+            for attempt in range(64):
+                digest = hashlib.sha1(f"{self.seed}:{sample_id}:{attempt}".encode()).hexdigest()
+                j = int(digest[:12], 16) % len(pool)
+                other = pool[j]
+                if other != sample_id and (own is None or pool_classes[j] != own):
+                    chosen = other
+                    break
+            if chosen is None:
+                # (a rare class balance that random draws keep missing)
+                chosen = next(
+                    (o for o, c in zip(pool, pool_classes) if o != sample_id and (own is None or c != own)),
+                    None,
+                )
+            if chosen is not None:
+                partners[sample_id] = chosen
+        return partners
+
+    def close(self):
+        self.classifier.module.to(self._restore_device)
+
+
+class _Interventions:
+    """The three inputs of one sample (see
+    :func:`cam_plugin.interventions.interventions`), made in the loader's
+    workers; its region and, for ``fill="swap"``, its partner's image and
+    region are read there too."""
+
+    def __init__(self, regions, fill, partners, region_options, region_field, min_side):
+        self.regions = regions
+        self.fill = fill
+        self.partners = partners
+        self.region_options = region_options
+        self.region_field = region_field
+        self.min_side = min_side
+
+    def _mask(self, label, classes, image):
+        width, height = image.size
+        try:
+            return region_mask(label, width, height, classes=classes, **self.region_options).numpy()
+        except (OSError, ValueError, TypeError) as e:
+            raise ValueError(f"the region in '{self.region_field}' cannot be read: {e}") from e
+
+    def __call__(self, index, image):
+        label, classes = self.regions[index]
+        region = self._mask(label, classes, image)
+        if not region.any():
+            which = f" of class {', '.join(sorted(classes))}" if classes else ""
+            raise ValueError(
+                f"no labelled object{which} in '{self.region_field}': there is no object "
+                "to separate from the background"
+            )
+        background = None
+        if self.fill == "swap":
+            partner = self.partners[index]
+            if partner is None:
+                raise ValueError("no other sample of another class to take a background from")
+            path, partner_label, partner_classes = partner
+            other, _ = load_rgb(path, min_side=self.min_side)
+            background = swap_background(other, self._mask(partner_label, partner_classes, other))
+        return interventions(image, region, fill_image(image, self.fill, background))
+
+
+def _check_all_failing(failures):
+    # the same computation error on every one of the first samples points
+    # at the model, not the data: stop rather than fail sample by sample
+    causes = {(f.kind, f.cause) for f in failures}
+    if len(failures) >= 16 and len(causes) == 1:
+        ((kind, _),) = causes
+        if kind is ErrorKind.COMPUTE:
+            raise RelianceError(
+                f"The first {len(failures)} samples all failed with the same error, "
+                f"which points at the model or configuration: {failures[0].detail}"
+            )
