@@ -55,6 +55,7 @@ bench: setup-test
 	$(PY) bench/throughput.py --memory 10000 $(ARGS)
 	$(PY) bench/scorecam.py
 	$(PY) bench/attention_metrics.py --threads 1
+	$(PY) bench/reliance.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache *.egg-info

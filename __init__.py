@@ -89,18 +89,69 @@ def _run_output(summary, label):
     return types.Property(outputs, view=types.View(label=label))
 
 
-class ComputeCams(foo.Operator):
+class _RunOperator(foo.Operator):
+    """An operator that runs one of the library's runs: its form, its
+    keyword arguments and its ``iter_compute_*`` function, run immediately
+    (streaming progress when ``streams``) or as delegated shards."""
+
+    name = label = description = done_label = None
+    #: immediate runs stream progress to the App (long runs of a model)
+    streams = False
+    inputs_of = kwargs_of = steps_of = None  # staticmethods of subclasses
+
     @property
     def config(self):
         return foo.OperatorConfig(
-            name="compute_cams",
-            label="Compute class activation maps",
-            description="Predictions and heatmaps of where the model looks",
+            name=self.name,
+            label=self.label,
+            description=self.description,
             dynamic=True,
-            execute_as_generator=True,
+            execute_as_generator=self.streams,
             allow_immediate_execution=True,
             allow_delegated_execution=True,
         )
+
+    def _call(self, sample_collection, params, delegate):
+        ctx = dict(view=sample_collection.view())
+        params = dict(params, delegate=delegate)
+        return foo.execute_operator(self.uri, ctx, params=params, request_delegation=delegate)
+
+    def resolve_input(self, ctx):
+        inputs = types.Object()
+        self.inputs_of(ctx, inputs)
+        return types.Property(inputs, view=types.View(label=self.label))
+
+    def resolve_delegation(self, ctx):
+        return _delegation(ctx)
+
+    def execute(self, ctx):
+        samples = ctx.target_view()
+        steps = self.steps_of(samples, delegate=_queues_shards(ctx), **self.kwargs_of(ctx.params))
+        ran_on = forms.target_text(ctx, samples)
+        if self.streams and not ctx.delegated:
+            # immediate execution streams progress to the App as a generator
+            return _stream_to_app(ctx, steps, ran_on, self.done_label)
+        try:
+            summary = _run_reporting(ctx, steps, ran_on)
+        except _Failed as e:
+            return _error_output(ctx, str(e))
+        if not ctx.delegated:
+            ctx.ops.reload_dataset()
+        return summary
+
+    def resolve_output(self, ctx):
+        return _run_output(ctx.results, self.done_label)
+
+
+class ComputeCams(_RunOperator):
+    name = "compute_cams"
+    label = "Compute class activation maps"
+    description = "Predictions and heatmaps of where the model looks"
+    done_label = "Class activation maps computed"
+    streams = True
+    inputs_of = staticmethod(forms.compute_cams_inputs)
+    kwargs_of = staticmethod(forms.compute_cams_kwargs)
+    steps_of = staticmethod(cam_plugin.iter_compute_cams)
 
     def __call__(self, sample_collection, model, delegate=False, **kwargs):
         """Runs the operator from Python.
@@ -116,159 +167,60 @@ class ComputeCams(foo.Operator):
                 ``pred_field``, ``heatmap_field``, ``batch_size``,
                 ``device``, ``overwrite``
         """
-        params = dict(kwargs, model=str(model), delegate=delegate)
-        ctx = dict(view=sample_collection.view())
-        return foo.execute_operator(self.uri, ctx, params=params, request_delegation=delegate)
-
-    def resolve_input(self, ctx):
-        inputs = types.Object()
-        forms.compute_cams_inputs(ctx, inputs)
-        return types.Property(inputs, view=types.View(label="Compute class activation maps"))
-
-    def resolve_delegation(self, ctx):
-        return _delegation(ctx)
-
-    def execute(self, ctx):
-        kwargs = forms.compute_cams_kwargs(ctx.params)
-        samples = ctx.target_view()
-        steps = cam_plugin.iter_compute_cams(samples, delegate=_queues_shards(ctx), **kwargs)
-        ran_on = forms.target_text(ctx, samples)
-        if ctx.delegated:
-            return _run_reporting(ctx, steps, ran_on)
-
-        # immediate execution streams progress to the App as a generator
-        return _stream_to_app(ctx, steps, ran_on, "Class activation maps computed")
-
-    def resolve_output(self, ctx):
-        return _run_output(ctx.results, "Class activation maps computed")
+        return self._call(sample_collection, dict(kwargs, model=str(model)), delegate)
 
 
-class ComputeAttention(foo.Operator):
-    @property
-    def config(self):
-        return foo.OperatorConfig(
-            name="compute_attention",
-            label="Compute attention metrics",
-            description="How much of each heatmap falls on the labelled object",
-            dynamic=True,
-            allow_immediate_execution=True,
-            allow_delegated_execution=True,
-        )
+class ComputeAttention(_RunOperator):
+    name = "compute_attention"
+    label = "Compute attention metrics"
+    description = "How much of each heatmap falls on the labelled object"
+    done_label = "Attention metrics computed"
+    inputs_of = staticmethod(forms.compute_attention_inputs)
+    kwargs_of = staticmethod(forms.compute_attention_kwargs)
+    steps_of = staticmethod(cam_plugin.iter_compute_attention)
 
     def __call__(self, sample_collection, heatmap_field="cam", region_field=None, delegate=False, **kwargs):
         """Runs the operator from Python; ``kwargs``: ``region_classes``,
         ``tolerance``, ``border``, ``overwrite``."""
-        params = dict(kwargs, heatmap_field=heatmap_field, region_field=region_field, delegate=delegate)
-        ctx = dict(view=sample_collection.view())
-        return foo.execute_operator(self.uri, ctx, params=params, request_delegation=delegate)
-
-    def resolve_input(self, ctx):
-        inputs = types.Object()
-        forms.compute_attention_inputs(ctx, inputs)
-        return types.Property(inputs, view=types.View(label="Compute attention metrics"))
-
-    def resolve_delegation(self, ctx):
-        return _delegation(ctx)
-
-    def execute(self, ctx):
-        kwargs = forms.compute_attention_kwargs(ctx.params)
-        samples = ctx.target_view()
-        steps = cam_plugin.iter_compute_attention(samples, delegate=_queues_shards(ctx), **kwargs)
-        ran_on = forms.target_text(ctx, samples)
-        try:
-            summary = _run_reporting(ctx, steps, ran_on)
-        except _Failed as e:
-            return _error_output(ctx, str(e))
-        ctx.ops.reload_dataset()
-        return summary
-
-    def resolve_output(self, ctx):
-        return _run_output(ctx.results, "Attention metrics computed")
+        params = dict(kwargs, heatmap_field=heatmap_field, region_field=region_field)
+        return self._call(sample_collection, params, delegate)
 
 
-class ComputeReliance(foo.Operator):
-    @property
-    def config(self):
-        return foo.OperatorConfig(
-            name="compute_reliance",
-            label="Test background reliance",
-            description="Does the prediction survive without its object, or die without its "
-            "background? Paints each over and asks the model again",
-            dynamic=True,
-            execute_as_generator=True,
-            allow_immediate_execution=True,
-            allow_delegated_execution=True,
-        )
+class ComputeReliance(_RunOperator):
+    name = "compute_reliance"
+    label = "Test background reliance"
+    description = (
+        "Does the prediction survive without its object, or die without its background? "
+        "Paints each over and asks the model again"
+    )
+    done_label = "Background reliance tested"
+    streams = True
+    inputs_of = staticmethod(forms.compute_reliance_inputs)
+    kwargs_of = staticmethod(forms.compute_reliance_kwargs)
+    steps_of = staticmethod(cam_plugin.iter_compute_reliance)
 
     def __call__(self, sample_collection, region_field, delegate=False, **kwargs):
         """Runs the operator from Python; ``kwargs``: ``pred_field``,
         ``region_classes``, ``fill``, ``prefix``, ``overwrite``, ``model``."""
-        params = dict(kwargs, region_field=region_field, delegate=delegate)
-        ctx = dict(view=sample_collection.view())
-        return foo.execute_operator(self.uri, ctx, params=params, request_delegation=delegate)
-
-    def resolve_input(self, ctx):
-        inputs = types.Object()
-        forms.compute_reliance_inputs(ctx, inputs)
-        return types.Property(inputs, view=types.View(label="Test background reliance"))
-
-    def resolve_delegation(self, ctx):
-        return _delegation(ctx)
-
-    def execute(self, ctx):
-        kwargs = forms.compute_reliance_kwargs(ctx.params)
-        samples = ctx.target_view()
-        steps = cam_plugin.iter_compute_reliance(samples, delegate=_queues_shards(ctx), **kwargs)
-        ran_on = forms.target_text(ctx, samples)
-        if ctx.delegated:
-            return _run_reporting(ctx, steps, ran_on)
-        return _stream_to_app(ctx, steps, ran_on, "Background reliance tested")
-
-    def resolve_output(self, ctx):
-        return _run_output(ctx.results, "Background reliance tested")
+        return self._call(sample_collection, dict(kwargs, region_field=region_field), delegate)
 
 
-class ComputeContext(foo.Operator):
-    @property
-    def config(self):
-        return foo.OperatorConfig(
-            name="compute_context",
-            label="Name the attention by context labels",
-            description="The share of each heatmap on each class of a segmentation or of the "
-            "objects (grass, sky, road...)",
-            dynamic=True,
-            allow_immediate_execution=True,
-            allow_delegated_execution=True,
-        )
+class ComputeContext(_RunOperator):
+    name = "compute_context"
+    label = "Name the attention by context labels"
+    description = (
+        "The share of each heatmap on each class of a segmentation or of the objects "
+        "(grass, sky, road...)"
+    )
+    done_label = "Context shares computed"
+    inputs_of = staticmethod(forms.compute_context_inputs)
+    kwargs_of = staticmethod(forms.compute_context_kwargs)
+    steps_of = staticmethod(cam_plugin.iter_compute_context)
 
     def __call__(self, sample_collection, heatmap_field="cam", context_field=None, delegate=False, **kwargs):
         """Runs the operator from Python; ``kwargs``: ``min_share``, ``overwrite``."""
-        params = dict(kwargs, heatmap_field=heatmap_field, context_field=context_field, delegate=delegate)
-        ctx = dict(view=sample_collection.view())
-        return foo.execute_operator(self.uri, ctx, params=params, request_delegation=delegate)
-
-    def resolve_input(self, ctx):
-        inputs = types.Object()
-        forms.compute_context_inputs(ctx, inputs)
-        return types.Property(inputs, view=types.View(label="Name the attention by context labels"))
-
-    def resolve_delegation(self, ctx):
-        return _delegation(ctx)
-
-    def execute(self, ctx):
-        kwargs = forms.compute_context_kwargs(ctx.params)
-        samples = ctx.target_view()
-        steps = cam_plugin.iter_compute_context(samples, delegate=_queues_shards(ctx), **kwargs)
-        ran_on = forms.target_text(ctx, samples)
-        try:
-            summary = _run_reporting(ctx, steps, ran_on)
-        except _Failed as e:
-            return _error_output(ctx, str(e))
-        ctx.ops.reload_dataset()
-        return summary
-
-    def resolve_output(self, ctx):
-        return _run_output(ctx.results, "Context shares computed")
+        params = dict(kwargs, heatmap_field=heatmap_field, context_field=context_field)
+        return self._call(sample_collection, params, delegate)
 
 
 class AttentionViews(foo.Operator):

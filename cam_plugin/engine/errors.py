@@ -40,3 +40,16 @@ class SampleError:
     def message(self):
         """``"<reason>: <detail>"``, the text stored on the sample."""
         return f"{self.kind.value}: {self.detail}"
+
+
+def systematic_failure(failures, at_least=16):
+    """The first failure when the first ``at_least`` samples all failed to
+    compute with one and the same exception type: that points at the model
+    or the configuration, not the data, and a run should stop rather than
+    fail a whole dataset sample by sample. None otherwise."""
+    causes = {(f.kind, f.cause) for f in failures}
+    if len(failures) >= at_least and len(causes) == 1:
+        ((kind, _),) = causes
+        if kind is ErrorKind.COMPUTE:
+            return failures[0]
+    return None

@@ -205,6 +205,36 @@ def _source_hash(obj):
     return hashlib.sha1(source).hexdigest()[:12]
 
 
+def model_outputs(run, outcomes_by_batch, ids, output_of, error_type):
+    """A run's batches of outputs from the engine's per-batch outcomes
+    (:func:`cam_plugin.engine.run_loader`): ``output_of(sample_id, result)``
+    for each computed sample, the run's failure record for each failed one.
+    Stops with ``error_type`` when the first samples all failed the same
+    way (:func:`cam_plugin.engine.errors.systematic_failure`)."""
+    from ..engine import SampleError
+    from ..engine.errors import systematic_failure
+
+    failures = []
+    succeeded = 0
+    for outcomes in outcomes_by_batch:
+        batch = []
+        for index, result in outcomes:
+            sample_id = ids[index]
+            if isinstance(result, SampleError):
+                failures.append(result)
+                batch.append(run.failure(sample_id, result))
+            else:
+                succeeded += 1
+                batch.append(output_of(sample_id, result))
+        yield batch
+        failure = None if succeeded else systematic_failure(failures)
+        if failure is not None:
+            raise error_type(
+                f"The first {len(failures)} samples all failed with the same error, "
+                f"which points at the model or configuration: {failure.detail}"
+            )
+
+
 def shard_of(sample_id, num_shards):
     """The shard a sample belongs to: a hash of its id, so shards are
     disjoint, deterministic and independent of the view's order."""

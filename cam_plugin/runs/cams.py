@@ -22,13 +22,13 @@ from ..class_map import (
     image_classes,
     object_area,
 )
-from ..engine import BatchRunner, ErrorKind, SampleError, image_loader, run_loader
+from ..engine import BatchRunner, image_loader, run_loader
 from ..heatmaps import HEATMAP_RANGE
 from ..models import ClassNamesWarning, classes_source, input_shape_of, load_classifier
 from ..store.files import safe_name
 from ..store.writer import SampleOutput
 from . import records
-from .base import RunType, check_collection, stable_identity, values_by_id
+from .base import RunType, check_collection, model_outputs, stable_identity, values_by_id
 
 METHOD = records.CAM_RUN
 
@@ -636,31 +636,20 @@ class CamRunType(RunType):
                 self.heatmap_size, self.device, multilabel=self.multilabel,
             )
 
+        def output_of(sample_id, result):
+            output = self._output(sample_id, result, names, files)
+            if self.multilabel and self.label_field:
+                labelled = image_classes[sample_id]
+                output.values[self.gt_class_field] = (
+                    None if labelled is None
+                    else fo.Classifications(classifications=[fo.Classification(label=c) for c in labelled])
+                )
+            if self.mapped:
+                self._judge(output, image_classes[sample_id], result, names)
+            return output
+
         runner = BatchRunner(compute, self.batch_size)
-        failures = []
-        succeeded = 0
-        for outcomes in run_loader(loader, runner):
-            batch = []
-            for index, result in outcomes:
-                sample_id = ids[index]
-                if isinstance(result, SampleError):
-                    failures.append(result)
-                    batch.append(self.failure(sample_id, result))
-                    continue
-                succeeded += 1
-                output = self._output(sample_id, result, names, files)
-                if self.multilabel and self.label_field:
-                    labelled = image_classes[sample_id]
-                    output.values[self.gt_class_field] = (
-                        None if labelled is None
-                        else fo.Classifications(classifications=[fo.Classification(label=c) for c in labelled])
-                    )
-                if self.mapped:
-                    self._judge(output, image_classes[sample_id], result, names)
-                batch.append(output)
-            yield batch
-            if not succeeded:
-                _check_all_failing(failures)
+        yield from model_outputs(self, run_loader(loader, runner), ids, output_of, CamError)
 
     def _prediction(self, result, names):
         logits = result.logits if self.store_logits else None
@@ -742,20 +731,6 @@ LABEL_TYPES = (fo.Classification, fo.Detections, fo.Polylines)
 
 class UnmappedLabelsWarning(UserWarning):
     """Samples whose ground-truth labels map to no model class."""
-
-
-def _check_all_failing(failures):
-    # the same exception computing every one of the first samples points at
-    # the model or the configuration, not the data: stop, rather than fail
-    # a whole dataset sample by sample
-    causes = {(f.kind, f.cause) for f in failures}
-    if len(failures) >= 16 and len(causes) == 1:
-        ((kind, cause),) = causes
-        if kind is ErrorKind.COMPUTE:
-            raise CamError(
-                f"The first {len(failures)} samples all failed with the same "
-                f"error, which points at the model or configuration: {failures[0].detail}"
-            )
 
 
 def _module_device(module):

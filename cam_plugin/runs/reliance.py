@@ -28,7 +28,8 @@ import torch
 import fiftyone as fo
 
 from ..cams.capture import logits_of
-from ..engine import BatchRunner, ErrorKind, SampleError, image_loader, run_loader
+from ..cams.inference import InferenceModels, parallel_streams
+from ..engine import BatchRunner, image_loader, run_loader
 from ..images import load_rgb
 from ..interventions import check_fill, fill_image, interventions, swap_background
 from ..models import input_shape_of, load_classifier
@@ -43,7 +44,7 @@ from .attention import (
     image_class_field,
     region_classes_of,
 )
-from .base import RunType, check_collection, stable_identity, values_by_id
+from .base import RunType, check_collection, model_outputs, stable_identity, values_by_id
 
 #: the fields a reliance run writes, after its prefix
 RELIANCE_FIELDS = {
@@ -57,6 +58,10 @@ RELIANCE_FIELDS = {
     "reliance_class": fo.StringField,
     "reliance_error": fo.StringField,
 }
+
+
+#: chunks of a batch run side by side on CPU (cam_plugin.cams.inference)
+_STREAMS = 2
 
 
 class RelianceError(AttentionError):
@@ -180,6 +185,7 @@ class RelianceRunType(RunType):
         self._restore_device = next((p.device for p in module.parameters()), torch.device("cpu"))
         module.to(self.device)
         self.input_shape = input_shape_of(self.classifier.transforms)
+        self._inference = InferenceModels(module)
 
     def config(self):
         clf = self.classifier
@@ -247,39 +253,38 @@ class RelianceRunType(RunType):
             pin_memory=self.device.type == "cuda",
             variants=variants,
         )
-        module = self.classifier.module
         names = self.classifier.classes
 
         def compute(group):
+            # gradient-free passes: the inference copy (batch norms folded,
+            # channels-last on CPU), twice as fast as the model on CPU
+            module, memory_format = self._inference.get(self.device)
             inputs = group.tensor.to(self.device, non_blocking=True)
             n, k = inputs.shape[:2]
-            with torch.no_grad():
-                logits = logits_of(module(inputs.flatten(0, 1))).float()
+            batch = inputs.flatten(0, 1).contiguous(memory_format=memory_format)
+            chunks = batch.split(max(1, -(-len(batch) // _STREAMS)))
+
+            def forward(chunk):
+                with torch.no_grad():  # grad mode is per thread
+                    return logits_of(module(chunk)).float()
+
+            # on CPU, chunks side by side on the shared threads
+            with parallel_streams(self.device, len(chunks)) as pool:
+                logits = torch.cat(list(pool.map(forward, chunks)) if pool else [forward(c) for c in chunks])
             probs = torch.softmax(logits, dim=1).view(n, k, -1)
             top = probs.argmax(dim=2)  # (n, k)
             cls = top[:, 0]
             p = probs.gather(2, cls[:, None, None].expand(n, k, 1))[:, :, 0]
             return list(zip(cls.tolist(), p.tolist(), top.tolist()))
 
+        def output_of(sample_id, result):
+            values = self._values(result, names)
+            if self.fill == "swap":
+                values[reliance_field(self.prefix, "swap_source")] = partners[sample_id]
+            return SampleOutput(sample_id, values)
+
         runner = BatchRunner(compute, self.batch_size)
-        failures = []
-        succeeded = 0
-        for outcomes in run_loader(loader, runner):
-            batch = []
-            for index, result in outcomes:
-                sample_id = ids[index]
-                if isinstance(result, SampleError):
-                    failures.append(result)
-                    batch.append(self.failure(sample_id, result))
-                    continue
-                succeeded += 1
-                values = self._values(result, names)
-                if self.fill == "swap":
-                    values[reliance_field(self.prefix, "swap_source")] = partners[sample_id]
-                batch.append(SampleOutput(sample_id, values))
-            yield batch
-            if not succeeded:
-                _check_all_failing(failures)
+        yield from model_outputs(self, run_loader(loader, runner), ids, output_of, RelianceError)
 
     def _values(self, result, names):
         cls, (p, p_bg, p_obj), (_, top_bg, top_obj) = result
@@ -378,16 +383,3 @@ class _Interventions:
             other, _ = load_rgb(path, min_side=self.min_side)
             background = swap_background(other, self._mask(partner_label, partner_classes, other))
         return interventions(image, region, fill_image(image, self.fill, background))
-
-
-def _check_all_failing(failures):
-    # the same computation error on every one of the first samples points
-    # at the model, not the data: stop rather than fail sample by sample
-    causes = {(f.kind, f.cause) for f in failures}
-    if len(failures) >= 16 and len(causes) == 1:
-        ((kind, _),) = causes
-        if kind is ErrorKind.COMPUTE:
-            raise RelianceError(
-                f"The first {len(failures)} samples all failed with the same error, "
-                f"which points at the model or configuration: {failures[0].detail}"
-            )
