@@ -691,14 +691,15 @@ def context_summary(samples, heatmap_field="cam", *, by="gt", label_field=None, 
 
 
 def context_view(samples, class_name, context_class, heatmap_field="cam", *, by="gt", misclassified=False,
-                 min_share=0.0):
+                 min_share=0.0, label_field=None, pred_field=None):
     """The samples of one class whose map puts attention on one context
     class (at least ``min_share`` of it), most first: what a cell of the
-    App's class-by-context matrix opens."""
+    App's class-by-context matrix opens. ``label_field``/``pred_field`` as
+    for :func:`context_summary`."""
     from .summaries import context_view as build
 
     return build(samples, heatmap_field, class_name, context_class, by=by, misclassified=misclassified,
-                 min_share=min_share)
+                 min_share=min_share, label_field=label_field, pred_field=pred_field)
 
 
 def _label_fields(samples, heatmap_field):

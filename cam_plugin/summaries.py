@@ -103,6 +103,11 @@ def reliance_summary(samples, prefix="cam", label_field=None, min_samples=5):
     :class:`RelianceRow`, the most background-reliant class first."""
     config = _reliance_config(samples, prefix)
     label_field = label_field or config.get("label_field")
+    if label_field and label_field not in samples.get_field_schema():
+        raise ViewsError(
+            f"the ground-truth field '{label_field}' of reliance run '{prefix}' no longer exists: "
+            "pass label_field"
+        )
     names = ["bg_reliance", "bg_flip", "obj_flip", "reliance_class", "bg_removed_label"]
     paths = [f"{prefix}_{n}" for n in names]
     tested = samples.exists(paths[0])

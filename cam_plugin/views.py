@@ -333,7 +333,10 @@ def _expressions(field, t):
         obj_flip = F(f"{field.reliance_prefix}_obj_flip")
         bg_flip = F(f"{field.reliance_prefix}_bg_flip")
         e.update(
-            tested=F(f"{field.reliance_prefix}_bg_reliance") != None,  # noqa: E711
+            # tested, and the class tested is the run's prediction (a
+            # reliance run of another model explains other predictions)
+            tested=(F(f"{field.reliance_prefix}_bg_reliance") != None)  # noqa: E711
+            & (F(f"{field.reliance_prefix}_reliance_class") == F(f"{pred_field}.label")),
             background_carries=(obj_flip == False) | (bg_flip == True),  # noqa: E712
             only_background=(obj_flip == False) & (bg_flip == True),  # noqa: E712
             only_object=(obj_flip == True) & (bg_flip == False),  # noqa: E712

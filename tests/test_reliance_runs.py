@@ -231,3 +231,86 @@ def test_the_forms_and_operators_through_fiftyone(dataset_name, cifar_dir, resne
     offered = [c["value"] for c in form["open_view"]["view"]["choices"]]
     assert "confirmed_background_reliance" in offered and "unfaithful_heatmap" in offered
     fo.delete_dataset(dataset.name)
+
+
+def test_what_a_breaker_found_fails_one_sample_with_its_reason(dataset_name, cifar_dir, resnet20, tmp_path):
+    """Defects a review found: each now fails the one sample (or the call,
+    before anything is written) with a sentence naming the problem."""
+    import numpy as np
+    from PIL import Image
+
+    dataset = _with_cams(dataset_name, cifar_dir, resnet20)
+    ids = dataset.values("id")
+    # a semantic-mask region whose file is gone, with the default "gt"
+    # classes (read in the workers: that sample alone fails)
+    mask = np.zeros((32, 32), np.uint8)
+    mask[8:24, 8:24] = 1
+    Image.fromarray(mask).save(tmp_path / "m.png")
+    dataset.set_values("seg", [fo.Segmentation(mask_path=str(tmp_path / "m.png"))] * len(dataset))
+    gone = dataset[ids[0]]
+    gone["seg"] = fo.Segmentation(mask_path=str(tmp_path / "gone.png"))
+    # a zero-area box, and a box over the whole image
+    gone["objects"] = fo.Detections(detections=[fo.Detection(label="x", bounding_box=[0.5, 0.5, 0, 0])])
+    gone.save()
+    whole = dataset[ids[1]]
+    whole["objects"] = fo.Detections(detections=[fo.Detection(label=whole.ground_truth.label, bounding_box=[0, 0, 1, 1])])
+    whole.save()
+    dataset.mask_targets = {"seg": {1: "thing"}}
+
+    summary = cam_plugin.compute_reliance(dataset, region_field="seg", prefix="seg", num_workers=0)
+    assert summary.failed == 1 and summary.processed == len(dataset) - 1
+    assert "the region in 'seg' cannot be read" in dataset[ids[0]]["seg_reliance_error"]
+    summary = cam_plugin.compute_reliance(dataset, region_field="objects", num_workers=0)
+    assert summary.failed == 2
+    assert "cover no pixel of the image" in dataset[ids[0]]["cam_reliance_error"]
+    assert "covers the whole image: there is no background" in dataset[ids[1]]["cam_reliance_error"]
+
+    # swap: a sample without an object to paint out never lends its
+    # background (its own object would be pasted along)
+    summary = cam_plugin.compute_reliance(dataset, region_field="objects", fill="swap", prefix="sw", num_workers=0)
+    sources = set(dataset.exists("sw_swap_source").values("sw_swap_source"))
+    assert summary.processed == len(dataset) - 2 and ids[0] not in sources and sources
+
+    # class names of the wrong length, a bad seed or batch size: refused
+    # before a run is registered
+    for kwargs, message in (
+        (dict(classes=["a", "b"]), "10 outputs but 2 class names"),
+        (dict(seed="abc"), "seed must be a whole number"),
+        (dict(batch_size=-1), "batch_size must be a positive whole number"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            cam_plugin.compute_reliance(dataset, region_field="objects", prefix="bad", **kwargs)
+    assert "bad_reliance" not in cam_plugin.list_runs(dataset)
+
+    # RGB mask targets and maps with NaN say so
+    dataset.mask_targets = {"seg": {"#ff0000": "red"}}
+    with pytest.raises(ValueError, match="RGB colours"):
+        cam_plugin.compute_context(dataset, "cam", "seg")
+    nan = np.ones((8, 8))
+    nan[0, 0] = np.nan
+    dataset.set_values("odd_map", [fo.Heatmap(map=nan)] * len(dataset))
+    summary = cam_plugin.compute_context(dataset, "odd_map", "scene")
+    assert summary.failed == len(dataset)
+    assert "NaN or infinite" in dataset.first()["odd_map_context_error"]
+
+
+def test_the_views_use_only_the_intervention_of_the_runs_own_predictions(dataset_name, cifar_dir, resnet20):
+    dataset = _with_cams(dataset_name, cifar_dir, resnet20, per_class=2)
+    cam_plugin.compute_attention(dataset, "cam", "objects")
+    # another model's intervention (random weights) explains other
+    # predictions: the views leave those samples out
+    cam_plugin.compute_reliance(dataset, "cifar10_resnet20:none", region_field="objects", num_workers=0)
+    same = [
+        i for i, a, b in zip(*dataset.values(["id", "cam_reliance_class", "cam_prediction.label"])) if a == b
+    ]
+    assert len(same) < len(dataset)
+    views = cam_plugin.attention_views(dataset, "cam", save=False)
+    for name in cam_plugin.views.RELIANCE_VIEW_DESCRIPTIONS:
+        assert set(views[name].values("id")) <= set(same), name
+
+    # a cell's view takes label_field as the summary does
+    cam_plugin.compute_context(dataset, "cam", "scene")
+    rows = cam_plugin.context_summary(dataset, label_field="ground_truth")
+    row = rows[0]
+    cell = cam_plugin.context_view(dataset, row.class_name, row.top[0], label_field="ground_truth")
+    assert 0 < len(cell) <= row.samples

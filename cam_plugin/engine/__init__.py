@@ -4,7 +4,7 @@ halving and per-sample failure isolation under typed errors."""
 
 from .batching import BatchRunner, run_loader
 from .errors import ErrorKind, SampleError
-from .loading import Group, LoadedBatch, SampleImages, collate_groups, image_loader
+from .loading import Group, LoadedBatch, SampleImages, Variants, collate_groups, image_loader
 
 __all__ = [
     "BatchRunner",
@@ -13,6 +13,7 @@ __all__ = [
     "LoadedBatch",
     "SampleError",
     "SampleImages",
+    "Variants",
     "collate_groups",
     "image_loader",
     "run_loader",

@@ -21,12 +21,25 @@ class LoadedSample:
         size: the full image's (width, height), orientation applied
         window: where the input lies in the full image frame
             (:meth:`cam_plugin.frames.Window.as_tuple`)
+        note: what the variants said of how they were made (see
+            :class:`Variants`), or None
     """
 
     index: int
     tensor: torch.Tensor
     size: tuple
     window: tuple
+    note: object = None
+
+
+@dataclass
+class Variants:
+    """What a ``variants`` callable of :class:`SampleImages` may return
+    instead of a plain list: the images and a note that travels with the
+    loaded sample (which other image was used, say)."""
+
+    images: list
+    note: object = None
 
 
 class SampleImages(torch.utils.data.Dataset):
@@ -55,12 +68,13 @@ class SampleImages(torch.utils.data.Dataset):
             img, (full_w, full_h) = load_rgb(path, min_side=self.min_side)
         except ImageError as e:
             return SampleError(index, ErrorKind.IMAGE, str(e))
-        images = [img]
+        images, note = [img], None
         if self.variants is not None:
             try:
-                images = self.variants(index, img)
+                made = self.variants(index, img)
             except Exception as e:  # a region that cannot be read, say
                 return SampleError(index, ErrorKind.INPUT, f"{e} ({path})")
+            images, note = (made.images, made.note) if isinstance(made, Variants) else (made, None)
         try:
             tensors = [self._input(image) for image in images]
             tensor = tensors[0] if self.variants is None else torch.stack(tensors)
@@ -69,7 +83,7 @@ class SampleImages(torch.utils.data.Dataset):
             return SampleError(index, ErrorKind.PREPROCESS, f"{type(e).__name__}: {e} ({path})")
 
         window = window.scaled(full_w / img.size[0], full_h / img.size[1])
-        return LoadedSample(index, tensor, (full_w, full_h), window.as_tuple())
+        return LoadedSample(index, tensor, (full_w, full_h), window.as_tuple(), note)
 
     def _input(self, img):
         tensor = self.transforms(img)

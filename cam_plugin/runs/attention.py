@@ -91,8 +91,20 @@ def check_region_field(samples, region_field):
             "polylines, a segmentation or a heatmap; it holds "
             f"{rtype.__name__ if rtype else 'no labels'}"
         )
-    masks = samples.mask_targets.get(region_field) or samples.default_mask_targets
-    return {int(k): v for k, v in (masks or {}).items()}
+    return int_mask_targets(samples, region_field)
+
+
+def int_mask_targets(samples, field):
+    """A segmentation field's ``{value: name}`` mask targets (the field's
+    own, else the dataset's default), keyed by int."""
+    masks = samples.mask_targets.get(field) or samples.default_mask_targets or {}
+    try:
+        return {int(k): v for k, v in masks.items()}
+    except (TypeError, ValueError):
+        raise AttentionError(
+            f"The mask targets of '{field}' are RGB colours ({', '.join(list(map(str, masks))[:3])}): "
+            "only masks of integer class values are supported; convert the masks to class ids"
+        ) from None
 
 
 def check_region_classes(region_classes):

@@ -21,7 +21,7 @@ from ..engine import ErrorKind, SampleError
 from ..regions import region_labels, region_mask, segmentation_values
 from ..store.writer import SampleOutput
 from . import records
-from .attention import AttentionError, cam_run_of, embedded_type, load_map
+from .attention import AttentionError, cam_run_of, embedded_type, int_mask_targets, load_map
 from .base import RunType, check_collection
 
 CONTEXT_TYPES = (fo.Segmentation, fo.Detections, fo.Detection, fo.Polylines, fo.Polyline)
@@ -83,8 +83,7 @@ class ContextRunType(RunType):
             )
         self.context_field = context_field
         self.is_segmentation = ctype is fo.Segmentation
-        masks = samples.mask_targets.get(context_field) or samples.default_mask_targets or {}
-        self.mask_targets = {int(k): v for k, v in masks.items()}
+        self.mask_targets = int_mask_targets(samples, context_field) if self.is_segmentation else {}
 
         self.cam_key, _ = cam_run_of(samples, heatmap_field)
         self.output_field = shares_field(heatmap_field)
@@ -131,7 +130,10 @@ class ContextRunType(RunType):
                 try:
                     shares = self.shares(torch.from_numpy(maps[i]).to(self.device), labels[i])
                 except (OSError, ValueError) as e:
-                    error = f"the context labels in '{self.context_field}' cannot be read: {e}"
+                    error = (
+                        str(e) if "heatmap" in str(e)
+                        else f"the context labels in '{self.context_field}' cannot be read: {e}"
+                    )
                 else:
                     if shares is None:
                         error = "the heatmap is zero everywhere: there is no attention to share out"
@@ -156,7 +158,10 @@ class ContextRunType(RunType):
         """``{context class: share of the map's mass}`` of one map (a (h, w)
         tensor) over one sample's context labels; None for a map that is
         zero everywhere. Classes outside ``classes`` are left out."""
-        heat = heat.double().clamp_min(0)
+        heat = heat.double()
+        if not bool(torch.isfinite(heat).all()):
+            raise ValueError("the heatmap holds NaN or infinite values")
+        heat = heat.clamp_min(0)
         total = float(heat.sum())
         if total <= 0:
             return None

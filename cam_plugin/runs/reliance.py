@@ -21,6 +21,7 @@ the unmodified image, for the prefix ``P`` this writes:
 
 import hashlib
 import os
+import warnings
 
 import numpy as np
 import torch
@@ -29,7 +30,7 @@ import fiftyone as fo
 
 from ..cams.capture import logits_of
 from ..cams.inference import InferenceModels, parallel_streams
-from ..engine import BatchRunner, image_loader, run_loader
+from ..engine import BatchRunner, Variants, image_loader, run_loader
 from ..images import load_rgb
 from ..interventions import check_fill, fill_image, interventions, swap_background
 from ..models import input_shape_of, load_classifier
@@ -111,7 +112,11 @@ class RelianceRunType(RunType):
         self.prefix = prefix
         self.key = run_key or f"{prefix}_reliance"
         self.fill = check_fill(fill)
-        self.seed = int(seed)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise RelianceError(f"seed must be a whole number, not {seed!r}")
+        self.seed = seed
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+            raise RelianceError(f"batch_size must be a positive whole number, not {batch_size!r}")
         self.pred_field = pred_field
         self.warnings = []
         if region_field is None:
@@ -164,8 +169,6 @@ class RelianceRunType(RunType):
                     "reliance fields describe this preprocessing"
                 )
         for message in self.warnings:
-            import warnings
-
             warnings.warn(message, stacklevel=3)
 
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -184,8 +187,29 @@ class RelianceRunType(RunType):
         module = self.classifier.module
         self._restore_device = next((p.device for p in module.parameters()), torch.device("cpu"))
         module.to(self.device)
-        self.input_shape = input_shape_of(self.classifier.transforms)
+        try:
+            self.input_shape = input_shape_of(self.classifier.transforms)
+            self._check_class_count()
+        except BaseException:
+            module.to(self._restore_device)
+            raise
         self._inference = InferenceModels(module)
+
+    def _check_class_count(self):
+        # one pass on a blank input, before anything is registered: labels
+        # read with the wrong names would be silently wrong
+        names = self.classifier.classes
+        if not names:
+            return
+        with torch.no_grad():
+            blank = torch.zeros((1, *self.input_shape), device=self.device)
+            num_outputs = logits_of(self.classifier.module(blank)).shape[-1]
+        if num_outputs != len(names):
+            raise RelianceError(
+                f"The model has {num_outputs} outputs but {len(names)} class names were given "
+                f"({', '.join(map(str, names[:5]))}{', ...' if len(names) > 5 else ''}); pass one "
+                "name per output, in output order"
+            )
 
     def config(self):
         clf = self.classifier
@@ -220,22 +244,23 @@ class RelianceRunType(RunType):
         paths = ["filepath", self.region_field] + ([label_path] if label_path else [])
         rows = values_by_id(self.samples, ids, paths)
         ids = [i for i in ids if i in rows]  # without samples deleted since
-        partners = self._partners(ids, rows) if self.fill == "swap" else {}
-        partner_rows = values_by_id(self.samples, sorted(set(partners.values())), paths) if partners else {}
+        candidates = self._partners(ids, rows) if self.fill == "swap" else {}
+        used = sorted({c for cs in candidates.values() for c in cs})
+        partner_rows = values_by_id(self.samples, used, paths) if used else {}
 
         def region_of(row):
-            gt = row[2] if label_path else None
-            label = row[1]
-            return label, region_classes_of(label, self.region_classes, gt, self.mask_targets)
+            # (label, the image's class): the region's classes are resolved
+            # in the workers, where reading a mask may fail for one sample
+            return row[1], row[2] if label_path else None
 
         variants = _Interventions(
             regions=[region_of(rows[i]) for i in ids],
             fill=self.fill,
             partners=[
-                (partner_rows[partners[i]][0], *region_of(partner_rows[partners[i]]))
-                if partners.get(i) in partner_rows else None
+                [(c, partner_rows[c][0], *region_of(partner_rows[c])) for c in candidates.get(i, ()) if c in partner_rows]
                 for i in ids
             ],
+            region_classes=self.region_classes,
             region_options=dict(
                 mask_values=self.mask_values,
                 mask_targets=self.mask_targets,
@@ -275,12 +300,14 @@ class RelianceRunType(RunType):
             top = probs.argmax(dim=2)  # (n, k)
             cls = top[:, 0]
             p = probs.gather(2, cls[:, None, None].expand(n, k, 1))[:, :, 0]
-            return list(zip(cls.tolist(), p.tolist(), top.tolist()))
+            notes = [item.note for item in group.items]
+            return list(zip(cls.tolist(), p.tolist(), top.tolist(), notes))
 
         def output_of(sample_id, result):
-            values = self._values(result, names)
+            values = self._values(result[:3], names)
             if self.fill == "swap":
-                values[reliance_field(self.prefix, "swap_source")] = partners[sample_id]
+                # the sample whose background was used (the note of the variants)
+                values[reliance_field(self.prefix, "swap_source")] = result[3]
             return SampleOutput(sample_id, values)
 
         runner = BatchRunner(compute, self.batch_size)
@@ -304,10 +331,13 @@ class RelianceRunType(RunType):
         }
         return {reliance_field(self.prefix, k): v for k, v in values.items()}
 
-    def _partners(self, ids, rows):
-        """For ``fill="swap"``: the sample whose background each sample gets,
-        of another class (its ground truth, else its prediction), the same
-        in every shard and process for a given ``seed``."""
+    def _partners(self, ids, rows, count=8):
+        """For ``fill="swap"``: per sample, up to ``count`` candidates for
+        lending it their background, of another class (its ground truth,
+        else its prediction), the same in every shard and process for a
+        given ``seed``; the first whose image and objects can be read is
+        used (a sample without a labelled object has no background to tell
+        from its object)."""
         class_field = self.label_field or self.pred_field
         if class_field in self.samples.get_field_schema():
             pool, pool_classes = self.samples.values(["id", f"{class_field}.label"])
@@ -322,22 +352,21 @@ class RelianceRunType(RunType):
         partners = {}
         for sample_id in ids:
             own = class_of.get(sample_id)
-            chosen = None
-            for attempt in range(64):
+            chosen = []
+            for attempt in range(16 * count):
                 digest = hashlib.sha1(f"{self.seed}:{sample_id}:{attempt}".encode()).hexdigest()
                 j = int(digest[:12], 16) % len(pool)
                 other = pool[j]
-                if other != sample_id and (own is None or pool_classes[j] != own):
-                    chosen = other
-                    break
-            if chosen is None:
+                if other != sample_id and other not in chosen and (own is None or pool_classes[j] != own):
+                    chosen.append(other)
+                    if len(chosen) == count:
+                        break
+            if not chosen:
                 # (a rare class balance that random draws keep missing)
-                chosen = next(
-                    (o for o, c in zip(pool, pool_classes) if o != sample_id and (own is None or c != own)),
-                    None,
-                )
-            if chosen is not None:
-                partners[sample_id] = chosen
+                chosen = [
+                    o for o, c in zip(pool, pool_classes) if o != sample_id and (own is None or c != own)
+                ][:count]
+            partners[sample_id] = chosen
         return partners
 
     def close(self):
@@ -348,38 +377,69 @@ class _Interventions:
     """The three inputs of one sample (see
     :func:`cam_plugin.interventions.interventions`), made in the loader's
     workers; its region and, for ``fill="swap"``, its partner's image and
-    region are read there too."""
+    region are read there too, so one unreadable file fails one sample."""
 
-    def __init__(self, regions, fill, partners, region_options, region_field, min_side):
+    def __init__(self, regions, fill, partners, region_classes, region_options, region_field, min_side):
         self.regions = regions
         self.fill = fill
         self.partners = partners
+        self.region_classes = region_classes
         self.region_options = region_options
         self.region_field = region_field
         self.min_side = min_side
 
-    def _mask(self, label, classes, image):
+    def _mask(self, label, gt, image):
         width, height = image.size
         try:
-            return region_mask(label, width, height, classes=classes, **self.region_options).numpy()
+            classes = region_classes_of(label, self.region_classes, gt, self.region_options["mask_targets"])
+            mask = region_mask(label, width, height, classes=classes, **self.region_options).numpy()
         except (OSError, ValueError, TypeError) as e:
             raise ValueError(f"the region in '{self.region_field}' cannot be read: {e}") from e
+        return mask, classes
 
     def __call__(self, index, image):
-        label, classes = self.regions[index]
-        region = self._mask(label, classes, image)
+        label, gt = self.regions[index]
+        region, classes = self._mask(label, gt, image)
         if not region.any():
             which = f" of class {', '.join(sorted(classes))}" if classes else ""
             raise ValueError(
-                f"no labelled object{which} in '{self.region_field}': there is no object "
-                "to separate from the background"
+                f"the region is empty: no labelled object{which} in '{self.region_field}', or its "
+                "boxes or shapes cover no pixel of the image; there is no object to separate from "
+                "the background"
             )
-        background = None
-        if self.fill == "swap":
-            partner = self.partners[index]
-            if partner is None:
-                raise ValueError("no other sample of another class to take a background from")
-            path, partner_label, partner_classes = partner
-            other, _ = load_rgb(path, min_side=self.min_side)
-            background = swap_background(other, self._mask(partner_label, partner_classes, other))
-        return interventions(image, region, fill_image(image, self.fill, background))
+        if region.all():
+            raise ValueError(
+                f"the region in '{self.region_field}' covers the whole image: there is no "
+                "background to remove"
+            )
+        if self.fill != "swap":
+            return interventions(image, region, fill_image(image, self.fill))
+        background, source = self._background(index)
+        return Variants(interventions(image, region, fill_image(image, "swap", background)), source)
+
+    def _background(self, index):
+        """The background of the first of the sample's candidates that can
+        lend one (its image and objects read, an object to paint out), and
+        that candidate's id."""
+        candidates = self.partners[index]
+        if not candidates:
+            raise ValueError(
+                "no other sample of another class among the samples the run was given (its "
+                "view) to take a background from"
+            )
+        reasons = []
+        for sample_id, path, label, gt in candidates:
+            try:
+                other, _ = load_rgb(path, min_side=self.min_side)
+                region, _ = self._mask(label, gt, other)
+            except ValueError as e:  # ImageError included
+                reasons.append(f"sample {sample_id}: {e}")
+                continue
+            if not region.any():
+                reasons.append(f"sample {sample_id}: no labelled object to paint out")
+                continue
+            return swap_background(other, region), sample_id
+        raise ValueError(
+            f"none of the {len(candidates)} samples of another class tried can lend a background "
+            f"({'; '.join(reasons[:3])})"
+        )
