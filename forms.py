@@ -1159,8 +1159,9 @@ FILL_CHOICES = [
 
 
 def cam_prediction_fields(samples):
-    """The predictions fields of the single-label CAM runs, with the model
-    each can load again (None when it was given in memory)."""
+    """The predictions fields of the single-label CAM runs, each with its
+    run's record (whose ``model_spec`` is None when the model was given in
+    memory and cannot be loaded again)."""
     found = {}
     for key in cam_plugin.list_runs(samples, "cams"):
         config = cam_plugin.get_run(samples, key)
@@ -1236,12 +1237,7 @@ def compute_reliance_inputs(ctx, inputs):
     )
     prefix = ctx.params.get("prefix") or default_prefix
     try:
-        from cam_plugin.runs.reliance import RELIANCE_FIELDS
-
-        cam_plugin.check_fields(
-            ctx.dataset, f"{prefix}_reliance",
-            {f"{prefix}_{name}": (ftype, None) for name, ftype in RELIANCE_FIELDS.items()},
-        )
+        cam_plugin.check_fields(ctx.dataset, f"{prefix}_reliance", cam_plugin.reliance_fields(prefix, fill))
     except cam_plugin.RunError as e:
         prefix_prop.invalid = True
         prefix_prop.error_message = str(e)

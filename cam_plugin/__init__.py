@@ -28,7 +28,7 @@ internal modules:
     :func:`model_layers` (layers without loading a checkpoint),
     :func:`torchvision_classifiers`, :func:`torchvision_weights`,
     :func:`is_torchscript_file`, :func:`is_exported_program_file`,
-    :func:`check_fields`, :data:`REGION_TYPES`, :func:`metric_field`,
+    :func:`check_fields`, :func:`reliance_fields`, :data:`REGION_TYPES`, :func:`metric_field`,
     :func:`attention_fields`, :data:`VIEW_DESCRIPTIONS`,
     :func:`saved_view_name`, :func:`class_view` and :class:`Thresholds`
 
@@ -602,6 +602,15 @@ def reliance_summary(samples, prefix="cam", *, label_field=None, min_samples=5):
     from .summaries import reliance_summary as summarise
 
     return summarise(samples, prefix, label_field=label_field, min_samples=min_samples)
+
+
+def reliance_fields(prefix="cam", fill="mean"):
+    """The fields :func:`compute_reliance` writes for ``prefix`` (and
+    ``fill``: ``"swap"`` adds ``<prefix>_swap_source``), as
+    ``{name: (field type, None)}``, what :func:`check_fields` takes."""
+    from .runs.reliance import reliance_fields as fields
+
+    return fields(prefix, fill)
 
 
 def reliance_view(samples, class_name, prefix="cam", *, label_field=None):

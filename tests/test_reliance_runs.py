@@ -200,6 +200,12 @@ def test_the_forms_and_operators_through_fiftyone(dataset_name, cifar_dir, resne
     dataset.add_sample_field("taken_bg_flip", fo.BooleanField)
     form = resolve_form(f"{PLUGIN}/compute_reliance", dataset, region_field="objects", prefix="taken")
     assert "not made by this plugin" in form_errors(form)["prefix"]
+    # the swap run's extra field is checked too
+    dataset.add_sample_field("mine_swap_source", fo.StringField)
+    form = resolve_form(f"{PLUGIN}/compute_reliance", dataset, region_field="objects", prefix="mine")
+    assert form_errors(form) == {}
+    form = resolve_form(f"{PLUGIN}/compute_reliance", dataset, region_field="objects", prefix="mine", fill="swap")
+    assert "mine_swap_source" in form_errors(form)["prefix"]
 
     result = foo.execute_operator(
         f"{PLUGIN}/compute_reliance", ctx=dict(view=dataset.view()),

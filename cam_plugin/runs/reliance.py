@@ -74,6 +74,13 @@ def reliance_field(prefix, name):
     return f"{prefix}_{name}"
 
 
+def reliance_fields(prefix, fill="mean"):
+    """Every field a reliance run with ``prefix`` and ``fill`` writes:
+    ``{name: (ftype, None)}``."""
+    names = dict(RELIANCE_FIELDS, **({"swap_source": fo.StringField} if fill == "swap" else {}))
+    return {reliance_field(prefix, name): (ftype, None) for name, ftype in names.items()}
+
+
 class RelianceRunType(RunType):
     """One :func:`cam_plugin.compute_reliance` run: validated on
     construction, executed by the driver."""
@@ -177,8 +184,7 @@ class RelianceRunType(RunType):
             num_workers if num_workers is not None else min(8, max(1, (os.cpu_count() or 2) // 2))
         )
 
-        names = dict(RELIANCE_FIELDS, **({"swap_source": fo.StringField} if self.fill == "swap" else {}))
-        self._fields = {reliance_field(prefix, name): (ftype, None) for name, ftype in names.items()}
+        self._fields = reliance_fields(prefix, self.fill)
         self.error_field = reliance_field(prefix, "reliance_error")
         self.done_fields = (reliance_field(prefix, "bg_reliance"),)
         records.check_fields(samples, self.key, self._fields)
