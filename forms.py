@@ -1208,10 +1208,15 @@ def compute_reliance_inputs(ctx, inputs):
     inputs.view("model", types.Notice(label=f"Model: {config['model_spec']}"))
 
     regions = _fields_of(samples, cam_plugin.REGION_TYPES)
+    region_default = _measured_region(samples, config.get("heatmap_field"), regions)
     prop = inputs.enum(
-        "region_field", _dropdown(regions).values(), required=True, label="Object regions",
+        # (required only without a default: the App flags a required input
+        # whose value is its default as missing)
+        "region_field", _dropdown(regions).values(), required=region_default is None, label="Object regions",
         description="The labelled objects painted over; everything else is the background",
         view=_dropdown(regions),
+        # the regions its maps were measured against, when they were
+        default=region_default,
     )
     if not regions:
         prop.invalid = True
@@ -1243,7 +1248,17 @@ def compute_reliance_inputs(ctx, inputs):
         prefix_prop.error_message = str(e)
         return False
     run_options_inputs(inputs, "Delete the earlier reliance run with this prefix and test again")
-    return ctx.params.get("region_field") in regions
+    return (ctx.params.get("region_field") or region_default) in regions
+
+
+def _measured_region(samples, heatmap_field, regions):
+    """The region field an attention run measured ``heatmap_field``
+    against, if it is among ``regions``; else None."""
+    for key in cam_plugin.list_runs(samples, "attention"):
+        config = cam_plugin.get_run(samples, key)
+        if config.get("heatmap_field") == heatmap_field and config.get("region_field") in regions:
+            return config["region_field"]
+    return None
 
 
 def compute_reliance_kwargs(params):

@@ -24,6 +24,7 @@ import pytest
 import fiftyone as fo
 
 import browser
+import cam_plugin
 import demo  # examples/demo.py, put on the path by tests/conftest.py
 from builders import two_cam_runs
 
@@ -246,3 +247,28 @@ def _bars_show_their_counts(page, demo_dataset, shots):
     page.get_by_text("ranked by the interval", exact=False).first.wait_for(timeout=15_000)
     time.sleep(1)
     page.screenshot(path=str(shots / "app-attention-by-class-panel.png"))
+
+
+def test_background_reliance_runs_from_the_operator_browser(on_first_runs, first_runs, shots):
+    """The intervention run from the App: the form picks the CAM run's model
+    and the regions its maps were measured against, the run streams its
+    progress and reports its counts; its fields are then on every sample."""
+    session, page = on_first_runs
+    try:
+        browser.open_operator(page, "reliance", "Test background reliance")
+        page.get_by_text("Model: cifar10_resnet20:", exact=False).first.wait_for(timeout=30_000)
+        page.screenshot(path=str(shots / "app-reliance-form.png"))
+        _execute(page)
+        # the run's output: its key, status and counts
+        page.get_by_text("cam_reliance", exact=True).first.wait_for(timeout=180_000)
+        page.get_by_text("completed", exact=True).first.wait_for(timeout=15_000)
+        page.get_by_text(f"the whole dataset ({len(first_runs)} samples)", exact=True).first.wait_for(timeout=15_000)
+        _no_operator_error(page)
+        first_runs.reload()
+        assert first_runs.count("cam_bg_reliance") == len(first_runs)
+        assert cam_plugin.get_run(first_runs, "cam_reliance")["region_field"] == "objects"
+        page.screenshot(path=str(shots / "app-reliance-output.png"))
+    finally:
+        page.keyboard.press("Escape")
+        if "cam_reliance" in cam_plugin.list_runs(first_runs):
+            cam_plugin.delete_run(first_runs, "cam_reliance")
