@@ -77,14 +77,21 @@ class ContextRow:
         return next(iter(self.shares.items()), (None, 0.0))
 
 
-def _reliance_config(samples, prefix):
-    for key in runs.list_runs(samples, runs.records.RELIANCE_RUN):
-        config = runs.get_run(samples, key, derive=False)
-        if config.get("prefix") == prefix:
+def _run_config(samples, method, key, value, missing):
+    """The record of the first run of ``method`` whose ``key`` is ``value``;
+    :class:`ViewsError` ``missing`` when there is none."""
+    for run_key in runs.list_runs(samples, method):
+        config = runs.get_run(samples, run_key, derive=False)
+        if config.get(key) == value:
             return config
-    raise ViewsError(
+    raise ViewsError(missing)
+
+
+def _reliance_config(samples, prefix):
+    return _run_config(
+        samples, runs.records.RELIANCE_RUN, "prefix", prefix,
         f"No reliance run wrote the fields '{prefix}_*' on this dataset: run "
-        f"compute_reliance(..., prefix='{prefix}') first"
+        f"compute_reliance(..., prefix='{prefix}') first",
     )
 
 
@@ -144,13 +151,10 @@ def reliance_summary(samples, prefix="cam", label_field=None, min_samples=5):
 
 
 def _context_config(samples, heatmap_field):
-    for key in runs.list_runs(samples, runs.records.CONTEXT_RUN):
-        config = runs.get_run(samples, key, derive=False)
-        if config.get("heatmap_field") == heatmap_field:
-            return config
-    raise ViewsError(
+    return _run_config(
+        samples, runs.records.CONTEXT_RUN, "heatmap_field", heatmap_field,
         f"'{heatmap_field}' has no context shares yet: run compute_context(..., "
-        f"heatmap_field='{heatmap_field}', context_field=...) first"
+        f"heatmap_field='{heatmap_field}', context_field=...) first",
     )
 
 
