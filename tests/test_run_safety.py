@@ -513,6 +513,56 @@ _WORKER_SCRIPT = textwrap.dedent(
 )
 
 
+def _stopped(process):
+    with open(f"/proc/{process.pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] == "T"
+
+
+def test_a_worker_stopped_between_its_check_and_its_write_overwrites_nothing(
+    dataset_name, cifar_dir, resnet20, tmp_path, monkeypatch
+):
+    """The narrowest window: a worker has checked that it still holds its
+    shard and hangs before the write that check allowed. Another takes the
+    shard over and completes it; when the first comes back, its write must
+    not land (found in CI: a SIGSTOP in that window let one write through)."""
+    from cam_plugin.runs import records
+
+    monkeypatch.setattr(records, "STALE_AFTER_S", 3.0)
+    dataset = cifar_dataset(dataset_name, cifar_dir, per_class=3)
+    script = tmp_path / "run.py"
+    script.write_text(_WORKER_SCRIPT)
+    env = dict(os.environ, CAM_PLUGIN_FLUSH_SECONDS="0", CAM_PLUGIN_STALE_AFTER_S="3")
+    first = subprocess.Popen(
+        [sys.executable, str(script), dataset_name, resnet20],
+        env=dict(env, CAM_PLUGIN_STOP_AFTER_CHECKS="3"),
+        stdout=subprocess.PIPE,
+    )
+    try:
+        deadline = time.time() + 120
+        while not _stopped(first):
+            assert first.poll() is None and time.time() < deadline, "the worker never reached its third write"
+            time.sleep(0.1)
+        time.sleep(4)  # its heartbeat is now stale
+        dataset.reload()
+        assert dataset.count("cam") == 2  # two writes landed; the third waits
+        second = subprocess.run(
+            [sys.executable, str(script), dataset_name, resnet20], env=env, capture_output=True, timeout=300
+        )
+        assert second.returncode == 0, second.stderr.decode()[-2000:]
+        dataset.reload()
+        after_takeover = dict(zip(*dataset.values(["id", "last_modified_at"])))
+        first.send_signal(signal.SIGCONT)
+        out = first.communicate(timeout=120)[0].decode()
+    finally:
+        if first.poll() is None:
+            first.send_signal(signal.SIGCONT)
+            first.kill()
+    assert "was taken over by another worker" in out, out
+    dataset.reload()
+    assert dict(zip(*dataset.values(["id", "last_modified_at"]))) == after_takeover
+    _assert_complete(dataset, fields=("cam_prediction", "cam"))
+
+
 def test_a_hung_worker_is_taken_over_and_stops_writing(
     dataset_name, cifar_dir, resnet20, tmp_path, monkeypatch
 ):

@@ -8,6 +8,9 @@ update one document atomically. A sample is thus either wholly written or
 not at all; a kill loses at most the samples since the last flush, which
 happens every ``flush_seconds``. A sample deleted while it was computed is
 not written, and its files are removed; the writer counts what it wrote.
+Each update is a compare-and-set on the sample's ``last_modified_at`` as read
+just before the ``before_write`` check, so a worker that lost its shard
+between the check and the write overwrites nothing its successor wrote.
 """
 
 import os
@@ -74,6 +77,7 @@ class SampleWriter:
         self.processed = 0
         self.failed = 0
         self.errors = Counter()
+        self.unwritten = 0
         self._pending = []
         self._last_flush = time.monotonic()
         self._field_objects = None
@@ -95,45 +99,72 @@ class SampleWriter:
         # files first: a field must never point at a file not yet written
         self.png_writer.wait()
         pending, self._pending = self._pending, []
-        if self.before_write is not None:
-            self.before_write()
-
         fields = self._fields()
-        now = datetime.utcnow()
-        ops = []
-        for output in pending:
-            sets = {"last_modified_at": now}
-            unsets = {}
-            for name in self.fields:
-                value = output.values.get(name)
-                if value is None:
-                    unsets[name] = ""
-                else:
-                    sets[name] = fields[name].to_mongo(value)
-            update = {"$set": sets}
-            if unsets:
-                update["$unset"] = unsets
-            ops.append(UpdateOne({"_id": ObjectId(output.sample_id)}, update))
-
         coll = self.dataset._sample_collection
-        result = coll.bulk_write(ops, ordered=False)
-        faults.database_write("samples")
-        written = pending
-        if result.matched_count < len(ops):
-            # samples deleted while they were computed: their files go too
+        for _ in range(_WRITE_ROUNDS):
+            # Each update applies only if the sample is unchanged since just
+            # before the check. A check and a write are two operations: a
+            # worker stopped between them (SIGSTOP, a stall) may have lost its
+            # shard meanwhile, and the new holder's writes change
+            # last_modified_at, so the stale worker's updates then match
+            # nothing (a compare-and-set; no clocks are compared).
             ids = [ObjectId(o.sample_id) for o in pending]
-            present = {str(d["_id"]) for d in coll.find({"_id": {"$in": ids}}, {"_id": 1})}
-            written = [o for o in pending if o.sample_id in present]
+            seen = {
+                str(d["_id"]): d.get("last_modified_at")
+                for d in coll.find({"_id": {"$in": ids}}, {"last_modified_at": 1})
+            }
+            if self.before_write is not None:
+                self.before_write()
+            faults.write_checked()
+            # samples deleted while they were computed: their files go too
             for output in pending:
-                if output.sample_id not in present:
+                if output.sample_id not in seen:
                     for path, _ in output.files:
                         _remove(path)
-        for output in written:
-            if output.error is None:
-                self.processed += 1
+            pending = [o for o in pending if o.sample_id in seen]
+            if not pending:
+                return
+            now = datetime.utcnow()
+            ops = [
+                UpdateOne(
+                    {"_id": ObjectId(o.sample_id), "last_modified_at": seen[o.sample_id]},
+                    self._update(o, fields, now),
+                )
+                for o in pending
+            ]
+            result = coll.bulk_write(ops, ordered=False)
+            faults.database_write("samples")
+            if result.matched_count == len(ops):
+                for output in pending:
+                    self._count(output)
+                return
+            # someone changed (or deleted) some of them meanwhile; which, the
+            # result does not say: write them all again after a new check
+            # (those already written match again and get the same values)
+        # samples edited faster than they can be written stay to do: a resume
+        # computes them again (their files are rewritten then)
+        self.unwritten += len(pending)
+
+    def _update(self, output, fields, now):
+        sets = {"last_modified_at": now}
+        unsets = {}
+        for name in self.fields:
+            value = output.values.get(name)
+            if value is None:
+                unsets[name] = ""
             else:
-                self.failed += 1
-                self.errors[output.error.reason] += 1
+                sets[name] = fields[name].to_mongo(value)
+        update = {"$set": sets}
+        if unsets:
+            update["$unset"] = unsets
+        return update
+
+    def _count(self, output):
+        if output.error is None:
+            self.processed += 1
+        else:
+            self.failed += 1
+            self.errors[output.error.reason] += 1
 
     def _fields(self):
         # field objects built from their types serialise values without the
@@ -144,6 +175,12 @@ class SampleWriter:
                 for name, (ftype, doc_type) in self.fields.items()
             }
         return self._field_objects
+
+
+# rounds of check-and-write before a sample that others keep changing is
+# left for a resume
+_WRITE_ROUNDS = 5
+
 
 
 def _remove(path):

@@ -44,6 +44,14 @@ def _ticks_in_order(plot, axis):
     return [text for box, text in sorted((b for b in boxes if b[0]), key=lambda b: b[0][axis])]
 
 
+def _wait_for_ticks(plot, axis, expected, timeout=20):
+    deadline = time.time() + timeout
+    while (drawn := set(_ticks_in_order(plot, axis))) != expected:
+        if time.time() > deadline:
+            raise AssertionError(f"{axis} tick labels on screen {sorted(drawn)}, expected {sorted(expected)}")
+        time.sleep(0.5)
+
+
 def test_the_panel_shows_reliance_and_context_and_a_cell_opens_its_samples(app, chromium_browser, demo_dataset, shots):
     session, _ = app
     test = demo_dataset.match_tags("test")
@@ -66,7 +74,9 @@ def test_the_panel_shows_reliance_and_context_and_a_cell_opens_its_samples(app, 
             "el => [el.data[0].x, el.data[0].y, el._fullLayout.yaxis.range[0] > el._fullLayout.yaxis.range[1]]"
         )
         assert x_ticks == trace["x"] and y_ticks == trace["y"] and reversed_y, (x_ticks, y_ticks)
-        assert set(_ticks_in_order(context, "y")) == set(y_ticks)
+        # Plotly draws the tick labels after the cells and may redraw them
+        # once the panel settles: wait for every class's label on screen
+        _wait_for_ticks(context, "y", set(y_ticks))
         page.get_by_text("of the attention falls on", exact=False).first.wait_for(timeout=15_000)
         context.scroll_into_view_if_needed()
         time.sleep(1)
