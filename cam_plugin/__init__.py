@@ -588,6 +588,125 @@ def iter_compute_reliance(samples, model=None, **kwargs):
     return (yield from sharding.steps(reliance.RelianceRunType(samples, **params), options))
 
 
+def discover_cues(
+    samples,
+    model=None,
+    *,
+    heatmap_field="cam",
+    region_field=None,
+    region_classes="gt",
+    context_field=None,
+    num_groups=None,
+    min_share=0.05,
+    fraction=0.5,
+    max_on_object=0.5,
+    dims=64,
+    seed=0,
+    brain_key=None,
+    classes=None,
+    transforms=None,
+    label_field=None,
+    batch_size=None,
+    num_workers=None,
+    device=None,
+    run_key=None,
+    trust_checkpoint=False,
+    overwrite=False,
+    retry_failed=False,
+    num_shards=1,
+    shard=None,
+    delegate=False,
+    output_dir=None,
+    progress=None,
+):
+    """Finds the places off the object that the maps of ``heatmap_field``
+    attend to, embeds them with the CAM run's own layer, and groups similar
+    ones into cues (a watermark, snow, a ruler...).
+
+    Per sample, the hotspots (connected regions of the stored map above
+    ``fraction`` of its maximum, holding at least ``min_share`` of its mass,
+    with at most ``max_on_object`` of their mass on the labelled region)
+    are written as ``fo.Detections`` in ``<heatmap_field>_hotspots``, in the
+    full image frame, with ``share``, ``mean_attention``, ``on_object``,
+    ``embedding`` (the target layer's features pooled under the map inside
+    the hotspot, randomly projected to ``dims`` dimensions, unit length)
+    and, with context labels, ``context`` and ``context_share``. When the
+    last sample is done the hotspots are grouped (:func:`group_cues`): each
+    gets ``group`` and ``label`` (its group's name), each group a saved
+    view of its samples and one of its patches, and the Embeddings panel a
+    visualization of the patches under ``brain_key``.
+
+    Args:
+        samples: a dataset or view with the CAM run's heatmaps
+        model (None): the model; defaults to the CAM run's (required when
+            that was an in-memory model)
+        heatmap_field ("cam"): the CAM run's ``fo.Heatmap`` field
+        region_field (None): the labelled objects; None: all of each map
+            counts as off the object
+        region_classes ("gt"): which objects form the region, as for
+            :func:`compute_attention`
+        context_field (None): labels that name hotspots (grass, sky...);
+            defaults to the field a :func:`compute_context` run of
+            ``heatmap_field`` used
+        num_groups (None): the number of cues; None chooses it (silhouette)
+        min_share, fraction, max_on_object: the hotspot rule (above)
+        dims (64): the embeddings' size when the layer is wider
+        seed (0): the projection's and the grouping's seed
+        brain_key (None): the visualization's key, default
+            ``<run_key>_viz``; False computes none
+        classes, transforms, label_field, batch_size, num_workers, device,
+            trust_checkpoint: as for :func:`compute_reliance`
+        run_key (None): defaults to ``<heatmap_field>_cues``
+        overwrite, retry_failed, num_shards, shard, delegate, output_dir,
+            progress: as for :func:`compute_cams`
+
+    Returns:
+        a :class:`cam_plugin.runs.base.RunSummary`; the groups are
+        :func:`cue_groups`
+    """
+    arguments = dict(locals())
+    return _drain(iter_discover_cues(**arguments))
+
+
+def iter_discover_cues(samples, model=None, **kwargs):
+    """:func:`discover_cues` as a generator of ``(done, total)`` returning
+    the summary; takes the same arguments."""
+    from .runs import cues, sharding
+
+    params, options = _split_options(kwargs)
+    params["model"] = model
+    if options.pop("delegate", False):
+        return sharding.queue(cues.CuesRunType, "discover_cues", samples, (), params, options)
+    return (yield from sharding.steps(cues.CuesRunType(samples, **params), options))
+
+
+def group_cues(samples, heatmap_field="cam", *, num_groups=None, brain_key=None, seed=0):
+    """Groups the hotspots of a finished :func:`discover_cues` run again
+    (``discover_cues`` does so when its last sample is done): k-means on
+    their embeddings, the number of groups chosen by silhouette unless
+    ``num_groups`` is given; groups are numbered by the mistakes they
+    explain (the samples whose prediction is wrong), named by their
+    dominant context class (``grass``) when one covers at least half of
+    their hotspots, else ``cue 1``, ``cue 2``... Replaces the earlier
+    grouping's labels, saved views and visualization.
+
+    Returns:
+        a list of :class:`cam_plugin.runs.cues.CueGroup`, group 1 first
+    """
+    from .runs import cues
+
+    return cues.group_cues(samples, heatmap_field, num_groups=num_groups, brain_key=brain_key, seed=seed)
+
+
+def cue_groups(samples, heatmap_field="cam"):
+    """The cue groups of the :func:`discover_cues` run over
+    ``heatmap_field`` (:class:`cam_plugin.runs.cues.CueGroup`, group 1
+    first; empty until every sample is done)."""
+    from .runs import cues
+
+    return cues.cue_groups(samples, heatmap_field)
+
+
 def reliance_summary(samples, prefix="cam", *, label_field=None, min_samples=5):
     """Per class, what the background intervention of
     :func:`compute_reliance` (fields ``<prefix>_*``) found, most

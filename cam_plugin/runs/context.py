@@ -158,29 +158,38 @@ class ContextRunType(RunType):
         """``{context class: share of the map's mass}`` of one map (a (h, w)
         tensor) over one sample's context labels; None for a map that is
         zero everywhere. Classes outside ``classes`` are left out."""
-        heat = heat.double()
-        if not bool(torch.isfinite(heat).all()):
-            raise ValueError("the heatmap holds NaN or infinite values")
-        heat = heat.clamp_min(0)
-        total = float(heat.sum())
-        if total <= 0:
-            return None
-        if label is None:
-            return {}
-        h, w = heat.shape
-        shares = {}
-        if self.is_segmentation:
-            values = segmentation_values(label, w, h, device=heat.device).flatten()
-            mass = torch.bincount(values.clamp_min(0), weights=heat.flatten())
-            for value in torch.nonzero(mass).flatten().tolist():
-                name = self.mask_targets.get(value)
-                if name is None and value == 0:
-                    continue  # unnamed 0: no label
-                shares[name if name is not None else str(value)] = float(mass[value]) / total
-        else:
-            for name in sorted(region_labels(label)):
-                mask = region_mask(label, w, h, classes={name}, device=heat.device)
-                shares[name] = float(heat[mask].sum()) / total
-        if self.classes is not None:
+        shares = class_shares(heat, label, self.is_segmentation, self.mask_targets)
+        if shares is not None and self.classes is not None:
             shares = {k: v for k, v in shares.items() if k in self.classes}
         return shares
+
+
+def class_shares(heat, label, is_segmentation, mask_targets):
+    """``{context class: share of the map's mass}`` of one map (a (h, w)
+    tensor) over one sample's context labels (a segmentation named by
+    ``mask_targets``, or objects named by label); None for a map that is
+    zero everywhere."""
+    heat = heat.double()
+    if not bool(torch.isfinite(heat).all()):
+        raise ValueError("the heatmap holds NaN or infinite values")
+    heat = heat.clamp_min(0)
+    total = float(heat.sum())
+    if total <= 0:
+        return None
+    if label is None:
+        return {}
+    h, w = heat.shape
+    shares = {}
+    if is_segmentation:
+        values = segmentation_values(label, w, h, device=heat.device).flatten()
+        mass = torch.bincount(values.clamp_min(0), weights=heat.flatten())
+        for value in torch.nonzero(mass).flatten().tolist():
+            name = mask_targets.get(value)
+            if name is None and value == 0:
+                continue  # unnamed 0: no label
+            shares[name if name is not None else str(value)] = float(mass[value]) / total
+    else:
+        for name in sorted(region_labels(label)):
+            mask = region_mask(label, w, h, classes={name}, device=heat.device)
+            shares[name] = float(heat[mask].sum()) / total
+    return shares

@@ -25,9 +25,10 @@ CAM_RUN = "cam_plugin.compute_cams"
 ATTENTION_RUN = "cam_plugin.compute_attention"
 RELIANCE_RUN = "cam_plugin.compute_reliance"
 CONTEXT_RUN = "cam_plugin.compute_context"
+CUES_RUN = "cam_plugin.discover_cues"
 # (listed here, not only when their modules are imported: a dataset's runs
 # are listed and deleted by processes that never ran one of them)
-RUN_METHODS = [CAM_RUN, ATTENTION_RUN, RELIANCE_RUN, CONTEXT_RUN]
+RUN_METHODS = [CAM_RUN, ATTENTION_RUN, RELIANCE_RUN, CONTEXT_RUN, CUES_RUN]
 
 #: a running shard whose heartbeat is older than this is stale (its worker
 #: died or lost the database); on the worker's own host a dead process is
@@ -60,6 +61,10 @@ STATE_KEYS = (
     "method",
     # how the heatmaps are drawn (cam_plugin.scale), not what is computed
     "heatmap_scale",
+    # what a cue run's grouping made (cam_plugin.runs.cues)
+    "groups",
+    "saved_views",
+    "brain_keys",
 )
 
 
@@ -588,6 +593,14 @@ def delete_run(samples, key, cleanup_files=True):
                 removed += RunFiles(files_dir, files_owner(config)).remove()
             else:
                 _hand_over(files_dir, config, heir)
+
+    # saved views and brain runs the run made (a cue run's groups)
+    for name in config.get("saved_views") or []:
+        if dataset.has_saved_view(name):
+            dataset.delete_saved_view(name)
+    for brain_key in config.get("brain_keys") or []:
+        if brain_key in dataset.list_brain_runs():
+            dataset.delete_brain_run(brain_key)
 
     dataset.delete_run(key)
     dataset.reload()
