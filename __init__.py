@@ -223,6 +223,101 @@ class ComputeContext(_RunOperator):
         return self._call(sample_collection, params, delegate)
 
 
+class DiscoverCues(_RunOperator):
+    name = "discover_cues"
+    label = "Discover the cues the model attends to"
+    description = (
+        "The places off the object the heatmaps light up, embedded with the model's own "
+        "layer and grouped into recurring cues, each a saved view"
+    )
+    done_label = "Cues discovered"
+    streams = True
+    inputs_of = staticmethod(forms.discover_cues_inputs)
+    kwargs_of = staticmethod(forms.discover_cues_kwargs)
+    steps_of = staticmethod(cam_plugin.iter_discover_cues)
+
+    def __call__(self, sample_collection, heatmap_field="cam", delegate=False, **kwargs):
+        """Runs the operator from Python; ``kwargs``: ``region_field``,
+        ``context_field``, ``num_groups``, ``min_share``, ``brain_key``,
+        ``overwrite``."""
+        params = dict(kwargs, heatmap_field=heatmap_field)
+        return self._call(sample_collection, params, delegate)
+
+
+class CuesPanel(foo.Panel):
+    """The cue groups of a cue run, most mistakes first, each with its
+    numbers and typical hotspots; a button opens its samples or its
+    hotspot patches."""
+
+    @property
+    def config(self):
+        return foo.PanelConfig(
+            name="cue_groups",
+            label="Cues",
+            surfaces="grid",
+            help_markdown="The recurring places off the object that the heatmaps light up, "
+            "grouped by what the model's layer sees there. Open a group to see its samples "
+            "or its hotspots.",
+        )
+
+    def on_load(self, ctx):
+        self._refresh(ctx)
+
+    def on_change_dataset(self, ctx):
+        self._refresh(ctx)
+
+    def _refresh(self, ctx, field=None):
+        fields = forms.cue_fields(ctx.dataset)
+        field = field or ctx.panel.state.heatmap_field
+        if field not in fields:
+            field = fields[0] if fields else None
+        ctx.panel.state.fields = fields
+        ctx.panel.state.heatmap_field = field
+        groups = cam_plugin.cue_groups(ctx.dataset, field) if field else []
+        ctx.panel.state.groups = [
+            {"group": g.group, "name": g.name, "view": g.view, "patches_view": g.patches_view,
+             "text": forms.cue_group_markdown(g)}
+            for g in groups
+        ]
+
+    def on_field_change(self, ctx):
+        self._refresh(ctx, ctx.params.get("value"))
+
+    def open_samples(self, ctx):
+        name = ctx.params.get("view")
+        if name in ctx.dataset.list_saved_views():
+            ctx.ops.set_view(name=name)
+
+    def render(self, ctx):
+        panel = types.Object()
+        fields = ctx.panel.state.fields or []
+        if not fields:
+            panel.md(
+                "No cues yet. Run **Discover the cues the model attends to** on a heatmap "
+                "field of **Compute class activation maps**.",
+                name="empty",
+            )
+            return types.Property(panel)
+        if len(fields) > 1:
+            choices = types.DropdownView()
+            for name in fields:
+                choices.add_choice(name, label=name)
+            panel.enum("heatmap_field", choices.values(), default=ctx.panel.state.heatmap_field,
+                       label="Heatmap field", view=choices, on_change=self.on_field_change)
+        groups = ctx.panel.state.groups or []
+        if not groups:
+            panel.md("The cue run has not grouped its hotspots yet: some samples are still to do.",
+                     name="ungrouped")
+        for g in groups:
+            panel.md(g["text"], name=f"group_{g['group']}")
+            buttons = panel.h_stack(f"open_{g['group']}", gap=1)
+            buttons.btn(f"samples_{g['group']}", label="Show its samples", variant="outlined",
+                        on_click=self.open_samples, params={"view": g["view"]})
+            buttons.btn(f"patches_{g['group']}", label="Show its hotspots", variant="outlined",
+                        on_click=self.open_samples, params={"view": g["patches_view"]})
+        return types.Property(panel, view=types.GridView(orientation="vertical", align_x="stretch", gap=2))
+
+
 class AttentionViews(foo.Operator):
     @property
     def config(self):
@@ -660,6 +755,8 @@ def register(p):
     p.register(ComputeAttention)
     p.register(ComputeReliance)
     p.register(ComputeContext)
+    p.register(DiscoverCues)
+    p.register(CuesPanel)
     p.register(AttentionViews)
     p.register(ClassSummary)
     p.register(AttentionByClassPanel)

@@ -1455,3 +1455,141 @@ def panel_context_summary(samples, heatmap_field):
         return cam_plugin.context_summary(samples, heatmap_field, by=context_grouping(samples, heatmap_field))
     except cam_plugin.views.ViewsError:
         return []
+
+
+def discover_cues_inputs(ctx, inputs):
+    """The discover_cues form. Returns True when complete and valid."""
+    samples = ctx.target_view()
+    heatmap_field = heatmap_field_input(ctx, inputs, samples)
+    if heatmap_field is None:
+        return False
+    runs = {config.get("heatmap_field"): config for config in cam_prediction_fields(samples).values()}
+    config = runs.get(heatmap_field)
+    if config is None:
+        prop = inputs.view(
+            "no_cam_run",
+            types.Warning(
+                label="No single-label CAM run made this field",
+                description="Cue discovery uses the CAM run's model and layer: run 'Compute class "
+                "activation maps' first",
+            ),
+        )
+        prop.invalid = True
+        return False
+    if not config.get("model_spec"):
+        prop = inputs.view(
+            "model_in_memory",
+            types.Warning(
+                label="This run's model cannot be loaded again",
+                description="It was given to compute_cams as an in-memory model: run "
+                "cam_plugin.discover_cues(..., model=your_model) from Python",
+            ),
+        )
+        prop.invalid = True
+        return False
+    inputs.view("model", types.Notice(label=f"Model: {config['model_spec']}, layer {config.get('layer')}"))
+
+    regions = _fields_of(samples, cam_plugin.REGION_TYPES)
+    region_default = _measured_region(samples, heatmap_field, regions)
+    inputs.enum(
+        "region_field", _dropdown(regions).values(), default=region_default, label="Object regions",
+        description="Hotspots are the places off these objects (none: anywhere in the image)",
+        view=_dropdown(regions),
+    )
+    contexts = _fields_of(samples, CONTEXT_TYPES)
+    inputs.enum(
+        "context_field", _dropdown(contexts).values(), default=_context_of(samples, heatmap_field, contexts),
+        label="Context labels",
+        description="Labels that name the cues (grass, sky...); none: cue 1, cue 2...",
+        view=_dropdown(contexts),
+    )
+    inputs.int(
+        "num_groups", default=0, min=0, max=50, label="Number of cues",
+        description="0 chooses it from the data",
+    )
+    inputs.float(
+        "min_share", default=0.05, min=0, max=1, label="Smallest hotspot",
+        description="The least share of a map's mass a hotspot holds",
+    )
+    key = f"{heatmap_field}_cues"
+    brain_prop = inputs.str(
+        "brain_key", default=f"{key}_viz", label="Embeddings key",
+        description="The key of the hotspots' visualization in the Embeddings panel",
+    )
+    brain_key = ctx.params.get("brain_key") or f"{key}_viz"
+    ours = (cam_plugin.get_run(samples, key).get("brain_keys") or []) if key in cam_plugin.list_runs(samples, "cues") else []
+    if not brain_key.isidentifier() or (brain_key in ctx.dataset.list_brain_runs() and brain_key not in ours):
+        brain_prop.invalid = True
+        brain_prop.error_message = (
+            f"'{brain_key}' is taken by another brain run" if brain_key.isidentifier()
+            else "Use letters, digits and underscores"
+        )
+        return False
+    output = cam_plugin.hotspots_field(heatmap_field)
+    try:
+        cam_plugin.check_fields(
+            ctx.dataset, key,
+            {output: (fo.EmbeddedDocumentField, fo.Detections), f"{output}_error": (fo.StringField, None)},
+        )
+    except cam_plugin.RunError as e:
+        prop = inputs.view("taken", types.Warning(label="Cannot write the hotspots field", description=str(e)))
+        prop.invalid = True
+        return False
+    run_options_inputs(inputs, "Delete the earlier cue run of this field and discover again")
+    return True
+
+
+def _context_of(samples, heatmap_field, contexts):
+    for key in cam_plugin.list_runs(samples, "context"):
+        config = cam_plugin.get_run(samples, key)
+        if config.get("heatmap_field") == heatmap_field and config.get("context_field") in contexts:
+            return config["context_field"]
+    return None
+
+
+def discover_cues_kwargs(params):
+    kwargs = dict(
+        heatmap_field=params.get("heatmap_field", "cam"),
+        region_field=params.get("region_field") or None,
+        context_field=params.get("context_field") or None,
+        num_groups=int(params.get("num_groups") or 0) or None,
+        min_share=float(params.get("min_share", 0.05)),
+        brain_key=params.get("brain_key") or None,
+        overwrite=bool(params.get("overwrite", False)),
+        retry_failed=bool(params.get("retry_failed", False)),
+        num_shards=int(params.get("num_shards") or 1),
+        shard=params.get("shard"),
+    )
+    for name in ("model", "region_classes", "fraction", "max_on_object", "dims", "seed", "label_field",
+                 "run_key", "batch_size", "num_workers", "device", "classes"):
+        if params.get(name) is not None:
+            kwargs[name] = params[name]
+    return kwargs
+
+
+def cue_fields(samples):
+    """The heatmap fields with a cue run, in name order."""
+    return sorted(
+        {cam_plugin.get_run(samples, key).get("heatmap_field") for key in cam_plugin.list_runs(samples, "cues")} - {None}
+    )
+
+
+def cue_group_markdown(group):
+    """One cue group as the Cues panel shows it: its numbers, the classes it
+    affects and its typical hotspots."""
+    from urllib.parse import quote
+
+    def top(counts, n=3):
+        return ", ".join(f"{name} ({count})" for name, count in list(counts.items())[:n]) or "none"
+
+    lines = [
+        f"### {group.group}. {group.name}",
+        f"**{group.size}** hotspots in **{group.samples}** samples; **{group.mistakes}** of them "
+        f"misclassified ({group.mistake_rate:.0%})"
+        + (f"; mean background reliance {group.mean_reliance:+.2f}" if group.mean_reliance is not None else ""),
+        f"Predicted: {top(group.pred_classes)} · Ground truth: {top(group.gt_classes)}",
+    ]
+    tiles = " ".join(f"![hotspot](/media?filepath={quote(p)})" for p in group.thumbnails if p)
+    if tiles:
+        lines.append(tiles)
+    return "\n\n".join(lines)

@@ -698,6 +698,12 @@ def group_cues(samples, heatmap_field="cam", *, num_groups=None, brain_key=None,
     return cues.group_cues(samples, heatmap_field, num_groups=num_groups, brain_key=brain_key, seed=seed)
 
 
+def hotspots_field(heatmap_field="cam"):
+    """The field :func:`discover_cues` writes a heatmap field's hotspots
+    to: ``<heatmap_field>_hotspots``."""
+    return f"{heatmap_field}_hotspots"
+
+
 def cue_groups(samples, heatmap_field="cam"):
     """The cue groups of the :func:`discover_cues` run over
     ``heatmap_field`` (:class:`cam_plugin.runs.cues.CueGroup`, group 1
@@ -1002,8 +1008,8 @@ def list_runs(samples, method=None):
 
     Args:
         samples: a dataset or view
-        method (None): ``"cams"``, ``"attention"``, ``"reliance"`` or
-            ``"context"`` to list one kind
+        method (None): ``"cams"``, ``"attention"``, ``"reliance"``,
+            ``"context"`` or ``"cues"`` to list one kind
     """
     from . import runs
 
@@ -1012,6 +1018,7 @@ def list_runs(samples, method=None):
         "attention": runs.ATTENTION_RUN,
         "reliance": runs.records.RELIANCE_RUN,
         "context": runs.records.CONTEXT_RUN,
+        "cues": runs.records.CUES_RUN,
         None: None,
     }
     return runs.list_runs(samples, method=kinds.get(method, method))

@@ -20,6 +20,7 @@ mistakes) and ``label`` (the group's name), saves a view per group, and
 computes the Embeddings panel's visualization of the hotspot patches.
 """
 
+import io
 import os
 import re
 import warnings
@@ -28,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
+from PIL import ImageDraw
 
 import fiftyone as fo
 from fiftyone import ViewField as F
@@ -37,6 +39,7 @@ from ..engine import BatchRunner, ErrorKind, SampleError, image_loader, run_load
 from ..hotspots import find_hotspots, group_embeddings
 from ..models import input_shape_of, load_classifier
 from ..regions import region_mask
+from ..store.files import RunFiles
 from ..store.writer import SampleOutput
 from . import records
 from .attention import (
@@ -55,6 +58,8 @@ from .context import CONTEXT_TYPES, class_shares
 
 #: the label of a hotspot before grouping
 UNGROUPED = "hotspot"
+#: the subfolder of the run's directory holding the groups' thumbnails
+THUMBNAILS = "thumbnails"
 
 
 class CueError(AttentionError):
@@ -85,6 +90,8 @@ class CueGroup:
             context classes, most first
         typical: ids of its most typical hotspots (closest to its centre)
         typical_samples: the ids of their samples, in the same order
+        thumbnails: crops of the typical hotspots (PNG paths, the hotspot
+            outlined), in the same order
         view: the name of its saved view (its samples, only its hotspots)
         patches_view: the name of its saved patches view
     """
@@ -101,6 +108,7 @@ class CueGroup:
     context: dict = field(default_factory=dict)
     typical: list = field(default_factory=list)
     typical_samples: list = field(default_factory=list)
+    thumbnails: list = field(default_factory=list)
     view: str = None
     patches_view: str = None
 
@@ -111,6 +119,8 @@ class CuesRunType(RunType):
 
     method = records.CUES_RUN
     positional = ("heatmap_field",)
+    #: the groups' typical hotspots, cropped for the Cues panel
+    file_targets = (THUMBNAILS,)
 
     def __init__(
         self,
@@ -483,6 +493,16 @@ def group_cues(samples, heatmap_field="cam", num_groups=None, brain_key=None, se
     view.set_values(f"{field_name}.detections.label",
                     [[spot_group[i][1] for i in (ids_ or [])] for ids_ in ids_by_sample])
 
+    files = RunFiles(config["files_dir"], records.files_owner(config)) if config.get("files_dir") else None
+    if files is not None:
+        boxes = dict(zip(spot_ids, (b for bs in _column(view, f"{field_name}.detections.bounding_box") for b in bs)))
+        paths = dict(zip(sample_ids, view.values("filepath")))
+        for g in groups:
+            g.thumbnails = [
+                _thumbnail(files, spot_id, paths[sample_id], boxes[spot_id])
+                for spot_id, sample_id in zip(g.typical, g.typical_samples)
+            ]
+
     # the hotspots' attributes join the schema: the App's sidebar filters
     # them, the Embeddings panel reads the embeddings
     dataset.add_dynamic_sample_fields(fields=field_name)
@@ -500,18 +520,15 @@ def group_cues(samples, heatmap_field="cam", num_groups=None, brain_key=None, se
             saved.append(name)
 
     brain_keys = []
-    if brain_key is not False:
+    if brain_key is not False and len(x) >= 3:
         brain_key = brain_key or f"{key}_viz"
         import fiftyone.brain as fob
 
         if brain_key in dataset.list_brain_runs():
             raise CueError(f"A brain run '{brain_key}' exists that this run did not make; pass another brain_key")
-        # t-SNE separates groups best; past a few thousand points it is slow
-        # and PCA takes over
-        options = dict(method="tsne", pca_dims=50 if x.shape[1] > 50 else None) if len(x) <= 5000 else dict(method="pca")
         fob.compute_visualization(
             samples, patches_field=field_name, embeddings="embedding", brain_key=brain_key,
-            seed=seed, verbose=False, progress=False, **options,
+            seed=seed, verbose=False, progress=False, **_visualization_method(*x.shape),
         )
         brain_keys.append(brain_key)
     records.RunRecord.of(dataset, key).update(
@@ -520,8 +537,55 @@ def group_cues(samples, heatmap_field="cam", num_groups=None, brain_key=None, se
     return groups
 
 
+def _visualization_method(points, dims):
+    """t-SNE separates groups best; it needs more points than its
+    perplexity (30), and past a few thousand points it is slow: PCA then."""
+    if 50 < points <= 5000:
+        return dict(method="tsne", pca_dims=50 if dims > 50 else None)
+    return dict(method="pca")
+
+
+def _column(view, path):
+    return [v or [] for v in view.values(path)]
+
+
+def _thumbnail(files, spot_id, filepath, box, height=96):
+    """Writes a crop of the image around a hotspot (the hotspot outlined,
+    half its size again around it) and returns its path; None when the
+    image cannot be read."""
+    from ..images import load_rgb
+    from ..store.files import _write_atomic
+
+    try:
+        image, (width, full_height) = load_rgb(filepath)
+    except ValueError:
+        return None
+    image = image.resize((width, full_height)) if image.size != (width, full_height) else image
+    x, y, w, h = box
+    side = max(w * width, h * full_height) * 2 + 16
+    cx, cy = (x + w / 2) * width, (y + h / 2) * full_height
+    crop = (int(max(0, cx - side / 2)), int(max(0, cy - side / 2)),
+            int(min(width, cx + side / 2)), int(min(full_height, cy + side / 2)))
+    tile = image.crop(crop)
+    scale = height / max(1, tile.height)
+    tile = tile.resize((max(1, round(tile.width * scale)), height))
+    outline = [(x * width - crop[0]) * scale, (y * full_height - crop[1]) * scale,
+               ((x + w) * width - crop[0]) * scale, ((y + h) * full_height - crop[1]) * scale]
+    ImageDraw.Draw(tile).rectangle(outline, outline=(255, 214, 0), width=2)
+    path = files.path(THUMBNAILS, spot_id)
+    data = io.BytesIO()
+    tile.save(data, format="PNG")
+    _write_atomic(path, data.getvalue())
+    return path
+
+
 def _remove_outputs(dataset, config):
-    """Removes a previous grouping's saved views and brain run (this run's own)."""
+    """Removes a previous grouping's saved views, brain run and thumbnails
+    (this run's own)."""
+    for g in config.get("groups") or []:
+        for path in g.get("thumbnails") or []:
+            if path and os.path.isfile(path):
+                os.remove(path)
     for name in config.get("saved_views") or []:
         if dataset.has_saved_view(name):
             dataset.delete_saved_view(name)
