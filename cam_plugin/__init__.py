@@ -686,8 +686,10 @@ def group_cues(samples, heatmap_field="cam", *, num_groups=None, brain_key=None,
     their embeddings, the number of groups chosen by silhouette unless
     ``num_groups`` is given; groups are numbered by the mistakes they
     explain (the samples whose prediction is wrong), named by their
-    dominant context class (``grass``) when one covers at least half of
-    their hotspots, else ``cue 1``, ``cue 2``... Replaces the earlier
+    dominant context class (``grass``: a hotspot's context is the class
+    under most of its mass, never the class of its own image or object)
+    when it is that of most of their hotspots on any context label and of
+    a quarter of all, else ``cue 1``, ``cue 2``... Replaces the earlier
     grouping's labels, saved views and visualization.
 
     Returns:

@@ -785,9 +785,18 @@ def format_summary(info):
             )
             for r in info["context_summary"]
         ],
+        "Cues the model attends to off the shape (hotspots grouped by the CAM layer's "
+        "features; named by the scene's boxes; saved views '<run>-<n>-<name>'):",
+        *[
+            f"  {g.group}. {g.name:<14} {g.size} hotspots in {g.samples} samples, "
+            f"{g.mistakes} misclassified ({pct(g.mistake_rate)}); predicted "
+            + ", ".join(f"{c} {n}" for c, n in list(g.pred_classes.items())[:3])
+            for g in info["cue_groups"]
+        ],
         str(info["cam_summary"]),
         f"Timings: images {t['generate']:.1f} s, training {t['train']:.1f} s, "
-        f"CAMs {t['cams']:.1f} s, background interventions {t['reliance']:.1f} s",
+        f"CAMs {t['cams']:.1f} s, background interventions {t['reliance']:.1f} s, "
+        f"cue discovery {t['cues']:.1f} s",
     ]
     return "\n".join(lines)
 
@@ -880,6 +889,15 @@ def run_demo(
     timings["reliance"] = time.perf_counter() - started
     cam_plugin.compute_context(test, HEATMAP_FIELD, "scene", overwrite=True, progress=progress)
 
+    log("Discovering the cues the model attends to off the shape")
+    started = time.perf_counter()
+    # hotspots off the shape, embedded with the CAM layer's features and
+    # grouped; the scene's boxes name the groups
+    cam_plugin.discover_cues(
+        test, classifier, region_field="objects", batch_size=64, overwrite=True, progress=progress
+    )
+    timings["cues"] = time.perf_counter() - started
+
     log("Measuring where the model looked")
     values = evaluate(test)
     metrics = summarize(values)
@@ -899,6 +917,7 @@ def run_demo(
         "reliance_summary": cam_plugin.reliance_summary(test),
         "swap_summary": cam_plugin.reliance_summary(test, "cam_swap"),
         "context_summary": cam_plugin.context_summary(test),
+        "cue_groups": cam_plugin.cue_groups(test),
         "cam_summary": cam_summary,
         "timings": timings,
     }

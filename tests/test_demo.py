@@ -217,6 +217,20 @@ def test_small_demo_intervention_confirms_the_cue_driven_mistakes(small_demo):
         assert set(row.shares) <= set(demo.CLASSES) | {f"{c} cue" for c in demo.CLASSES}
 
 
+def test_small_demo_discovers_the_cues_and_prints_them(small_demo):
+    _, dataset, info = small_demo
+    groups = info["cue_groups"]
+    assert groups and "Cues the model attends to off the shape" in info["summary"]
+    for g in groups:
+        assert f"{g.group}. {g.name}" in info["summary"]
+        assert g.name in {f"{c} cue" for c in demo.CLASSES} or g.name == f"cue {g.group}"
+        assert dataset.has_saved_view(g.view)
+    # the markers are the places off the shape the model attends to
+    assert any(g.name.endswith(" cue") for g in groups)
+    test = dataset.match_tags("test")
+    assert sum(g.size for g in groups) == test.count("cam_hotspots.detections")
+
+
 def test_small_demo_reuses_the_trained_model(small_demo):
     root, _, _ = small_demo
     records = demo.generate_images(root, seed=SEED, config=SMALL)

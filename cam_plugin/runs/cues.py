@@ -12,7 +12,8 @@ process) and scaled to unit length. They are written as ``fo.Detections`` in
 ``<heatmap_field>_hotspots`` (full image frame) with the attributes
 ``share``, ``mean_attention``, ``on_object``, ``embedding`` and, when a
 context field is known, ``context`` (the context class under most of the
-hotspot's mass) and ``context_share``.
+hotspot's mass, other than the image's class and its object's) and
+``context_share`` (the share of the hotspot's mass on it).
 
 Once every sample is done, :func:`group_cues` clusters the embeddings and
 writes each hotspot's ``group`` (1 = the group explaining the most
@@ -38,7 +39,7 @@ from ..cams.capture import LayerCapture, infer_layout
 from ..engine import BatchRunner, ErrorKind, SampleError, image_loader, run_loader
 from ..hotspots import find_hotspots, group_embeddings
 from ..models import input_shape_of, load_classifier
-from ..regions import region_mask
+from ..regions import region_labels, region_mask
 from ..store.files import RunFiles
 from ..store.writer import SampleOutput
 from . import records
@@ -77,8 +78,8 @@ class CueGroup:
 
     Attributes:
         group: its number, 1 = the group explaining the most mistakes
-        name: its dominant context class when one covers most of its
-            hotspots, else ``cue <group>``
+        name: its dominant context class (see :func:`cam_plugin.group_cues`),
+            else ``cue <group>``
         size: its hotspots
         samples: the samples holding them
         mistakes: the samples among them whose prediction is wrong
@@ -321,12 +322,15 @@ class CuesRunType(RunType):
         heat = np.clip(np.nan_to_num(heat.astype(np.float64)), 0, None)
         map_h, map_w = heat.shape
         region = None
+        gt = columns[f"{self.label_field}.label"][i] if self.label_field else None
+        # a hotspot is off the object: it is never named by the object's class
+        own = {gt} if gt else set()
         if self.region_field is not None and columns[self.region_field][i] is not None:
-            gt = columns[f"{self.label_field}.label"][i] if self.label_field else None
             label = columns[self.region_field][i]
             try:
                 classes = region_classes_of(label, self.region_classes, gt, self.mask_targets)
                 region = region_mask(label, map_w, map_h, classes=classes, mask_targets=self.mask_targets).numpy()
+                own |= set(classes) if classes is not None else set(region_labels(label, self.mask_targets))
             except (OSError, ValueError, TypeError) as e:
                 return f"the region in '{self.region_field}' cannot be read: {e}"
         spots = find_hotspots(heat, region, fraction=self.fraction, min_share=self.min_share, max_inside=self.max_on_object)
@@ -356,6 +360,7 @@ class CuesRunType(RunType):
                     shares = class_shares(torch.from_numpy(weights), context, self.context_is_mask, self.context_targets)
                 except (OSError, ValueError) as e:
                     return f"the context labels in '{self.context_field}' cannot be read: {e}"
+                shares = {k: v for k, v in (shares or {}).items() if k not in own and v > 0}
                 if shares:
                     name, share = max(shares.items(), key=lambda kv: (kv[1], kv[0]))
                     attributes.update(context=name, context_share=float(share))
@@ -478,8 +483,10 @@ def group_cues(samples, heatmap_field="cam", num_groups=None, brain_key=None, se
     for n, r in enumerate(raw, start=1):
         name = f"cue {n}"
         if r["context"]:
+            # named when one class is under most of the hotspots that lie on
+            # any labelled context, and under a quarter of all of them
             top, count = next(iter(r["context"].items()))
-            if count / r["size"] >= 0.5:
+            if count >= 0.5 * sum(r["context"].values()) and count >= 0.25 * r["size"]:
                 taken[top] += 1
                 name = top if taken[top] == 1 else f"{top} {taken[top]}"
         number_of[r.pop("index")] = (n, name)
