@@ -56,6 +56,7 @@ bench: setup-test
 	$(PY) bench/scorecam.py
 	$(PY) bench/attention_metrics.py --threads 1
 	$(PY) bench/reliance.py
+	$(PY) bench/cues.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache *.egg-info

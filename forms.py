@@ -1583,13 +1583,12 @@ def cue_group_markdown(group):
         return ", ".join(f"{name} ({count})" for name, count in list(counts.items())[:n]) or "none"
 
     lines = [
-        f"### {group.group}. {group.name}",
+        f"#### {group.group}. {group.name}",
         f"**{group.size}** hotspots in **{group.samples}** samples; **{group.mistakes}** of them "
         f"misclassified ({group.mistake_rate:.0%})"
         + (f"; mean background reliance {group.mean_reliance:+.2f}" if group.mean_reliance is not None else ""),
         f"Predicted: {top(group.pred_classes)} · Ground truth: {top(group.gt_classes)}",
     ]
-    tiles = " ".join(f"![hotspot](/media?filepath={quote(p)})" for p in group.thumbnails if p)
-    if tiles:
-        lines.append(tiles)
+    if group.strip:
+        lines.append(f"![hotspots of {group.name}](/media?filepath={quote(group.strip)})")
     return "\n\n".join(lines)

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
-from PIL import ImageDraw
+from PIL import Image, ImageDraw
 
 import fiftyone as fo
 from fiftyone import ViewField as F
@@ -40,7 +40,7 @@ from ..engine import BatchRunner, ErrorKind, SampleError, image_loader, run_load
 from ..hotspots import find_hotspots, group_embeddings
 from ..models import input_shape_of, load_classifier
 from ..regions import region_labels, region_mask
-from ..store.files import RunFiles
+from ..store.files import RunFiles, _write_atomic
 from ..store.writer import SampleOutput
 from . import records
 from .attention import (
@@ -61,6 +61,8 @@ from .context import CONTEXT_TYPES, class_shares
 UNGROUPED = "hotspot"
 #: the subfolder of the run's directory holding the groups' thumbnails
 THUMBNAILS = "thumbnails"
+#: the subfolder holding each group's strip of thumbnails (for the panel)
+STRIPS = "strips"
 
 
 class CueError(AttentionError):
@@ -93,6 +95,7 @@ class CueGroup:
         typical_samples: the ids of their samples, in the same order
         thumbnails: crops of the typical hotspots (PNG paths, the hotspot
             outlined), in the same order
+        strip: the thumbnails side by side in one PNG, or None
         view: the name of its saved view (its samples, only its hotspots)
         patches_view: the name of its saved patches view
     """
@@ -110,6 +113,7 @@ class CueGroup:
     typical: list = field(default_factory=list)
     typical_samples: list = field(default_factory=list)
     thumbnails: list = field(default_factory=list)
+    strip: str = None
     view: str = None
     patches_view: str = None
 
@@ -121,7 +125,7 @@ class CuesRunType(RunType):
     method = records.CUES_RUN
     positional = ("heatmap_field",)
     #: the groups' typical hotspots, cropped for the Cues panel
-    file_targets = (THUMBNAILS,)
+    file_targets = (THUMBNAILS, STRIPS)
 
     def __init__(
         self,
@@ -509,6 +513,7 @@ def group_cues(samples, heatmap_field="cam", num_groups=None, brain_key=None, se
                 _thumbnail(files, spot_id, paths[sample_id], boxes[spot_id])
                 for spot_id, sample_id in zip(g.typical, g.typical_samples)
             ]
+            g.strip = _strip(files, g.typical[0], [p for p in g.thumbnails if p]) if g.typical else None
 
     # the hotspots' attributes join the schema: the App's sidebar filters
     # them, the Embeddings panel reads the embeddings
@@ -561,7 +566,6 @@ def _thumbnail(files, spot_id, filepath, box, height=96):
     half its size again around it) and returns its path; None when the
     image cannot be read."""
     from ..images import load_rgb
-    from ..store.files import _write_atomic
 
     try:
         image, (width, full_height) = load_rgb(filepath)
@@ -586,11 +590,29 @@ def _thumbnail(files, spot_id, filepath, box, height=96):
     return path
 
 
+def _strip(files, name, thumbnails, gap=4):
+    """The thumbnails side by side in one PNG (one image in the panel's
+    text); None without thumbnails."""
+    if not thumbnails:
+        return None
+    tiles = [Image.open(p).convert("RGB") for p in thumbnails]
+    strip = Image.new("RGB", (sum(t.width for t in tiles) + gap * (len(tiles) - 1), max(t.height for t in tiles)))
+    x = 0
+    for tile in tiles:
+        strip.paste(tile, (x, 0))
+        x += tile.width + gap
+    path = files.path(STRIPS, name)
+    data = io.BytesIO()
+    strip.save(data, format="PNG")
+    _write_atomic(path, data.getvalue())
+    return path
+
+
 def _remove_outputs(dataset, config):
     """Removes a previous grouping's saved views, brain run and thumbnails
     (this run's own)."""
     for g in config.get("groups") or []:
-        for path in g.get("thumbnails") or []:
+        for path in (g.get("thumbnails") or []) + [g.get("strip")]:
             if path and os.path.isfile(path):
                 os.remove(path)
     for name in config.get("saved_views") or []:
