@@ -1554,7 +1554,8 @@ def discover_cues_kwargs(params):
         context_field=params.get("context_field") or None,
         num_groups=int(params.get("num_groups") or 0) or None,
         min_share=float(params.get("min_share", 0.05)),
-        brain_key=params.get("brain_key") or None,
+        # (False, from Python or a delegated call: no visualization)
+        brain_key=params.get("brain_key") if params.get("brain_key") is False else params.get("brain_key") or None,
         overwrite=bool(params.get("overwrite", False)),
         retry_failed=bool(params.get("retry_failed", False)),
         num_shards=int(params.get("num_shards") or 1),

@@ -164,3 +164,45 @@ def test_the_form_and_operator_through_fiftyone(dataset_name, cifar_dir, resnet2
     cam_plugin.delete_run(dataset, "cam_cues")
     assert dataset.list_brain_runs() == ["theirs"] and not dataset.list_saved_views()
     fo.delete_dataset(dataset.name)
+
+
+def test_a_clone_regroups_without_touching_the_originals_files(dataset_name, cifar_dir, resnet20):
+    """A clone shares the run's thumbnails directory with the dataset it was
+    cloned from: grouping the clone again must not delete or rewrite them."""
+    import os
+
+    dataset = _with_cams(dataset_name, cifar_dir, resnet20)
+    cam_plugin.discover_cues(dataset, region_field="objects", num_groups=2, num_workers=0, progress=False)
+    files = [p for g in cam_plugin.cue_groups(dataset) for p in g.thumbnails + [g.strip] if p]
+    assert files
+    stamps = {p: os.stat(p).st_mtime_ns for p in files}
+    clone = dataset.clone(f"{dataset_name}_clone")
+    groups = cam_plugin.group_cues(clone, num_groups=3)
+    assert len(groups) == 3 and sum(g.size for g in groups) == clone.count("cam_hotspots.detections")
+    assert {p: os.stat(p).st_mtime_ns for p in files} == stamps
+    assert len(cam_plugin.cue_groups(dataset)) == 2  # the original's own grouping stays
+    assert all(dataset.has_saved_view(g.view) for g in cam_plugin.cue_groups(dataset))
+    fo.delete_dataset(clone.name)
+
+
+def test_one_process_at_a_time_groups_a_run(dataset_name, cifar_dir, resnet20):
+    """Two shards that end at once both see every sample done; only one
+    groups (the other skips); a grouping left by a dead process goes stale."""
+    from datetime import datetime, timedelta
+
+    from cam_plugin.runs import records
+
+    dataset = _with_cams(dataset_name, cifar_dir, resnet20, per_class=1)
+    cam_plugin.discover_cues(dataset, region_field="objects", num_groups=2, num_workers=0, progress=False)
+    record = records.RunRecord.of(dataset, "cam_cues")
+    record.update(grouping={"token": "other", "at": datetime.utcnow()})
+    with pytest.raises(ValueError, match="Another process is grouping"):
+        cam_plugin.group_cues(dataset, num_groups=3)
+    # a shard's finish skips instead of failing the operation
+    summary = cam_plugin.discover_cues(dataset, region_field="objects", num_groups=2, retry_failed=True,
+                                       num_workers=0, progress=False)
+    assert summary.status == "completed"
+    assert len(cam_plugin.cue_groups(dataset)) == 2
+    record.update(grouping={"token": "dead", "at": datetime.utcnow() - timedelta(hours=1)})
+    assert len(cam_plugin.group_cues(dataset, num_groups=3)) == 3
+    assert records.get_run(dataset, "cam_cues", derive=False)["grouping"] is None

@@ -35,7 +35,7 @@ from PIL import Image, ImageDraw
 import fiftyone as fo
 from fiftyone import ViewField as F
 
-from ..cams.capture import LayerCapture, infer_layout
+from ..cams.capture import LayerCapture, eval_mode, infer_layout
 from ..engine import BatchRunner, ErrorKind, SampleError, image_loader, run_loader
 from ..hotspots import find_hotspots, group_embeddings
 from ..models import input_shape_of, load_classifier
@@ -243,8 +243,9 @@ class CuesRunType(RunType):
     def _probe_channels(self):
         # one blank pass finds the layer's width (and that it has a grid)
         blank = torch.zeros((1, *self.input_shape), device=self.device)
-        with torch.no_grad(), LayerCapture(self.classifier.module, self.layer) as capture:
-            self.classifier.module.eval()(blank)
+        module = self.classifier.module
+        with torch.no_grad(), eval_mode(module), LayerCapture(module, self.layer) as capture:
+            module(blank)
         layout = infer_layout(tuple(capture.raw.shape), self.input_shape[-2:])
         if layout is None:
             raise CueError(f"Layer '{self.layer}' has no spatial grid to pool hotspots over")
@@ -297,8 +298,8 @@ class CuesRunType(RunType):
 
         def compute(group):
             inputs = group.tensor.to(self.device, non_blocking=True)
-            module = self.classifier.module.eval()
-            with torch.no_grad(), LayerCapture(module, self.layer) as capture:
+            module = self.classifier.module
+            with torch.no_grad(), eval_mode(module), LayerCapture(module, self.layer) as capture:
                 module(inputs)
             layout = infer_layout(tuple(capture.raw.shape), tuple(inputs.shape[-2:]))
             feats = layout.to_nchw(capture.raw).float().cpu().numpy()
@@ -377,7 +378,7 @@ class CuesRunType(RunType):
         todo = records.data_counts(self.samples, self.done_fields, self.error_field, self.candidate_field)["todo"]
         if todo == 0:
             group_cues(self.samples, self.heatmap_field, num_groups=self.num_groups, brain_key=self.brain_key,
-                       seed=self.seed, run_key=self.key)
+                       seed=self.seed, run_key=self.key, busy_ok=True)
 
     def close(self):
         self.classifier.module.to(self._restore_device)
@@ -424,16 +425,57 @@ def _feature_cells(window, image_size, map_hw, grid_hw):
     return np.where((rows[:, None] >= 0) & (cols[None, :] >= 0), cells, -1)
 
 
-def group_cues(samples, heatmap_field="cam", num_groups=None, brain_key=None, seed=0, run_key=None, typical=6):
+#: a grouping claimed longer ago than this was left by a dead process
+GROUPING_STALE_S = 600
+
+
+def group_cues(samples, heatmap_field="cam", num_groups=None, brain_key=None, seed=0, run_key=None, typical=6,
+               busy_ok=False):
     """Groups the hotspots of a finished cue run into cues; see
-    :func:`cam_plugin.group_cues`."""
+    :func:`cam_plugin.group_cues`. One process at a time groups a run (two
+    shards may end at once): with ``busy_ok`` a call that finds another
+    grouping returns None, else it raises."""
     dataset = samples._root_dataset
-    field_name = hotspots_field(heatmap_field)
     key = run_key or _cue_run_of(samples, heatmap_field)
     config = records.get_run(samples, key, derive=False)
     if config.get("method") != records.CUES_RUN:
         raise CueError(f"No cue run '{key}' on dataset '{dataset.name}': run discover_cues first")
-    _remove_outputs(dataset, config)
+    record = records.RunRecord.of(samples, key)
+    token = records.new_token()
+    if not _claim_grouping(record, token):
+        if busy_ok:
+            return None
+        raise CueError(f"Another process is grouping the hotspots of run '{key}' now; try again when it ends")
+    try:
+        return _group(samples, dataset, key, record, records.get_run(samples, key, derive=False),
+                      heatmap_field, num_groups, brain_key, seed, typical)
+    finally:
+        records._runs_collection().update_one(
+            {"_id": record.doc_id, "config.grouping.token": token}, {"$set": {"config.grouping": None}}
+        )
+
+
+def _claim_grouping(record, token):
+    """Takes the run's grouping unless a live process holds it (atomic)."""
+    from datetime import datetime, timedelta
+
+    now = datetime.utcnow()
+    free = [
+        {"config.grouping": {"$exists": False}},
+        {"config.grouping": None},
+        {"config.grouping.at": {"$lt": now - timedelta(seconds=GROUPING_STALE_S)}},
+    ]
+    result = records._runs_collection().update_one(
+        {"_id": record.doc_id, "$or": free}, {"$set": {"config.grouping": {"token": token, "at": now}}}
+    )
+    return result.modified_count == 1
+
+
+def _group(samples, dataset, key, record, config, heatmap_field, num_groups, brain_key, seed, typical):
+    field_name = hotspots_field(heatmap_field)
+    # the run's files are this dataset's own, not a clone's source's
+    owns_files = bool(config.get("files_dir")) and str(config.get("dataset_id")) == str(dataset._doc.id)
+    _remove_outputs(dataset, config, owns_files)
 
     view = samples.exists(field_name)
     pred_path = f"{config['pred_field']}.label" if config.get("pred_field") else None
@@ -451,7 +493,7 @@ def group_cues(samples, heatmap_field="cam", num_groups=None, brain_key=None, se
             vectors.append(emb)
             contexts.append(ctx)
     if not vectors:
-        records.RunRecord.of(dataset, key).update(groups=[])
+        record.update(groups=[], saved_views=[], brain_keys=[])
         return []
     x = np.asarray(vectors, dtype=np.float32)
     labels, k = group_embeddings(x, num_groups=num_groups if num_groups is None else min(num_groups, len(x)), seed=seed)
@@ -504,7 +546,7 @@ def group_cues(samples, heatmap_field="cam", num_groups=None, brain_key=None, se
     view.set_values(f"{field_name}.detections.label",
                     [[spot_group[i][1] for i in (ids_ or [])] for ids_ in ids_by_sample])
 
-    files = RunFiles(config["files_dir"], records.files_owner(config)) if config.get("files_dir") else None
+    files = RunFiles(config["files_dir"], records.files_owner(config)) if owns_files else None
     if files is not None:
         boxes = dict(zip(spot_ids, (b for bs in _column(view, f"{field_name}.detections.bounding_box") for b in bs)))
         paths = dict(zip(sample_ids, view.values("filepath")))
@@ -543,7 +585,7 @@ def group_cues(samples, heatmap_field="cam", num_groups=None, brain_key=None, se
             seed=seed, verbose=False, progress=False, **_visualization_method(*x.shape),
         )
         brain_keys.append(brain_key)
-    records.RunRecord.of(dataset, key).update(
+    record.update(
         groups=[asdict(g) for g in groups], saved_views=saved, brain_keys=brain_keys
     )
     return groups
@@ -608,10 +650,10 @@ def _strip(files, name, thumbnails, gap=4):
     return path
 
 
-def _remove_outputs(dataset, config):
-    """Removes a previous grouping's saved views, brain run and thumbnails
-    (this run's own)."""
-    for g in config.get("groups") or []:
+def _remove_outputs(dataset, config, owns_files):
+    """Removes a previous grouping's saved views, brain run and (when the
+    dataset owns the run's files) thumbnails."""
+    for g in (config.get("groups") or []) if owns_files else []:
         for path in (g.get("thumbnails") or []) + [g.get("strip")]:
             if path and os.path.isfile(path):
                 os.remove(path)

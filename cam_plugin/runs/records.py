@@ -65,6 +65,7 @@ STATE_KEYS = (
     "groups",
     "saved_views",
     "brain_keys",
+    "grouping",
 )
 
 
