@@ -299,11 +299,7 @@ class CuesPanel(foo.Panel):
             )
             return types.Property(panel)
         if len(fields) > 1:
-            choices = types.DropdownView()
-            for name in fields:
-                choices.add_choice(name, label=name)
-            panel.enum("heatmap_field", choices.values(), default=ctx.panel.state.heatmap_field,
-                       label="Heatmap field", view=choices, on_change=self.on_field_change)
+            _heatmap_field_dropdown(panel, fields, ctx.panel.state.heatmap_field, self.on_field_change)
         groups = ctx.panel.state.groups or []
         if not groups:
             panel.md("The cue run has not grouped its hotspots yet: some samples are still to do.",
@@ -555,17 +551,7 @@ class AttentionByClassPanel(foo.Panel):
             panel.md(text, name="empty")
             return types.Property(panel)
 
-        choices = types.DropdownView()
-        for name in fields:
-            choices.add_choice(name, label=name)
-        panel.enum(
-            "heatmap_field",
-            choices.values(),
-            default=ctx.panel.state.heatmap_field,
-            label="Heatmap field",
-            view=choices,
-            on_change=self.on_field_change,
-        )
+        _heatmap_field_dropdown(panel, fields, ctx.panel.state.heatmap_field, self.on_field_change)
         panel.plot(
             "summary",
             layout=forms.SUMMARY_PLOT_LAYOUT,
@@ -600,6 +586,15 @@ class AttentionByClassPanel(foo.Panel):
         return types.Property(
             panel, view=types.GridView(orientation="vertical", align_x="stretch", gap=2)
         )
+
+
+def _heatmap_field_dropdown(panel, fields, default, on_change):
+    choices = types.DropdownView()
+    for name in fields:
+        choices.add_choice(name, label=name)
+    panel.enum(
+        "heatmap_field", choices.values(), default=default, label="Heatmap field", view=choices, on_change=on_change
+    )
 
 
 class ListRuns(foo.Operator):

@@ -1194,16 +1194,7 @@ def compute_reliance_inputs(ctx, inputs):
     )
     pred_field = ctx.params.get("pred_field") or default
     config = runs.get(pred_field, {})
-    if not config.get("model_spec"):
-        prop = inputs.view(
-            "model_in_memory",
-            types.Warning(
-                label="This run's model cannot be loaded again",
-                description="It was given to compute_cams as an in-memory model: run "
-                "cam_plugin.compute_reliance(..., model=your_model) from Python",
-            ),
-        )
-        prop.invalid = True
+    if not _reloadable_model(inputs, config, "compute_reliance"):
         return False
     inputs.view("model", types.Notice(label=f"Model: {config['model_spec']}"))
 
@@ -1249,6 +1240,23 @@ def compute_reliance_inputs(ctx, inputs):
         return False
     run_options_inputs(inputs, "Delete the earlier reliance run with this prefix and test again")
     return (ctx.params.get("region_field") or region_default) in regions
+
+
+def _reloadable_model(inputs, config, function):
+    """Whether the CAM run ``config`` can be loaded again by a run's form;
+    else says to call ``cam_plugin.<function>`` with the model from Python."""
+    if config.get("model_spec"):
+        return True
+    prop = inputs.view(
+        "model_in_memory",
+        types.Warning(
+            label="This run's model cannot be loaded again",
+            description="It was given to compute_cams as an in-memory model: run "
+            f"cam_plugin.{function}(..., model=your_model) from Python",
+        ),
+    )
+    prop.invalid = True
+    return False
 
 
 def _measured_region(samples, heatmap_field, regions):
@@ -1476,16 +1484,7 @@ def discover_cues_inputs(ctx, inputs):
         )
         prop.invalid = True
         return False
-    if not config.get("model_spec"):
-        prop = inputs.view(
-            "model_in_memory",
-            types.Warning(
-                label="This run's model cannot be loaded again",
-                description="It was given to compute_cams as an in-memory model: run "
-                "cam_plugin.discover_cues(..., model=your_model) from Python",
-            ),
-        )
-        prop.invalid = True
+    if not _reloadable_model(inputs, config, "discover_cues"):
         return False
     inputs.view("model", types.Notice(label=f"Model: {config['model_spec']}, layer {config.get('layer')}"))
 

@@ -518,6 +518,36 @@ def _stopped(process):
         return f.read().rsplit(")", 1)[1].split()[0] == "T"
 
 
+def _hung_then_taken_over(dataset, args, tmp_path, first_env=None, stop=None):
+    """Starts a worker (``first_env`` added to its environment), waits until
+    ``stop(first)`` has it stopped, lets its heartbeat go stale, runs a
+    second worker to the end, then lets the first go on. Returns the frozen
+    samples' ids, the second's stdout, the first's output and each
+    sample's ``last_modified_at`` after the takeover."""
+    script = tmp_path / "run.py"
+    script.write_text(_WORKER_SCRIPT)
+    env = dict(os.environ, CAM_PLUGIN_FLUSH_SECONDS="0", CAM_PLUGIN_STALE_AFTER_S="3")
+    first = subprocess.Popen([sys.executable, str(script), *args], env=dict(env, **(first_env or {})),
+                             stdout=subprocess.PIPE)
+    try:
+        stop(first)
+        time.sleep(4)  # its heartbeat is now stale
+        dataset.reload()
+        frozen = set(dataset.exists("cam").values("id")) if dataset.has_sample_field("cam") else set()
+        assert cam_plugin.get_run(dataset, "cam")["shards"]["0"]["state"] == "stale"
+        second = subprocess.run([sys.executable, str(script), *args], env=env, capture_output=True, timeout=300)
+        assert second.returncode == 0, second.stderr.decode()[-2000:]
+        dataset.reload()
+        after_takeover = dict(zip(*dataset.values(["id", "last_modified_at"])))
+        first.send_signal(signal.SIGCONT)
+        out = first.communicate(timeout=120)[0].decode()
+    finally:
+        if first.poll() is None:
+            first.send_signal(signal.SIGCONT)
+            first.kill()
+    return frozen, second.stdout.decode(), out, after_takeover
+
+
 def test_a_worker_stopped_between_its_check_and_its_write_overwrites_nothing(
     dataset_name, cifar_dir, resnet20, tmp_path, monkeypatch
 ):
@@ -529,34 +559,17 @@ def test_a_worker_stopped_between_its_check_and_its_write_overwrites_nothing(
 
     monkeypatch.setattr(records, "STALE_AFTER_S", 3.0)
     dataset = cifar_dataset(dataset_name, cifar_dir, per_class=3)
-    script = tmp_path / "run.py"
-    script.write_text(_WORKER_SCRIPT)
-    env = dict(os.environ, CAM_PLUGIN_FLUSH_SECONDS="0", CAM_PLUGIN_STALE_AFTER_S="3")
-    first = subprocess.Popen(
-        [sys.executable, str(script), dataset_name, resnet20],
-        env=dict(env, CAM_PLUGIN_STOP_AFTER_CHECKS="3"),
-        stdout=subprocess.PIPE,
-    )
-    try:
+
+    def stopped_at_its_third_write(first):
         deadline = time.time() + 120
         while not _stopped(first):
             assert first.poll() is None and time.time() < deadline, "the worker never reached its third write"
             time.sleep(0.1)
-        time.sleep(4)  # its heartbeat is now stale
-        dataset.reload()
-        assert dataset.count("cam") == 2  # two writes landed; the third waits
-        second = subprocess.run(
-            [sys.executable, str(script), dataset_name, resnet20], env=env, capture_output=True, timeout=300
-        )
-        assert second.returncode == 0, second.stderr.decode()[-2000:]
-        dataset.reload()
-        after_takeover = dict(zip(*dataset.values(["id", "last_modified_at"])))
-        first.send_signal(signal.SIGCONT)
-        out = first.communicate(timeout=120)[0].decode()
-    finally:
-        if first.poll() is None:
-            first.send_signal(signal.SIGCONT)
-            first.kill()
+
+    frozen, _, out, after_takeover = _hung_then_taken_over(
+        dataset, [dataset_name, resnet20], tmp_path, dict(CAM_PLUGIN_STOP_AFTER_CHECKS="3"), stopped_at_its_third_write
+    )
+    assert len(frozen) == 2  # two writes landed; the third waited
     assert "was taken over by another worker" in out, out
     dataset.reload()
     assert dict(zip(*dataset.values(["id", "last_modified_at"]))) == after_takeover
@@ -574,13 +587,8 @@ def test_a_hung_worker_is_taken_over_and_stops_writing(
     # this process judges staleness as the workers do
     monkeypatch.setattr(records, "STALE_AFTER_S", 3.0)
     dataset = cifar_dataset(dataset_name, cifar_dir, per_class=3)
-    script = tmp_path / "run.py"
-    script.write_text(_WORKER_SCRIPT)
-    env = dict(os.environ, CAM_PLUGIN_FLUSH_SECONDS="0", CAM_PLUGIN_STALE_AFTER_S="3")
-    first = subprocess.Popen(
-        [sys.executable, str(script), dataset_name, resnet20], env=env, stdout=subprocess.PIPE
-    )
-    try:
+
+    def stopped_after_three_samples(first):
         deadline = time.time() + 120
         while time.time() < deadline:
             dataset.reload()
@@ -588,26 +596,12 @@ def test_a_hung_worker_is_taken_over_and_stops_writing(
                 break
             time.sleep(0.1)
         first.send_signal(signal.SIGSTOP)
-        time.sleep(4)  # its heartbeat is now stale
-        dataset.reload()
-        frozen = set(dataset.exists("cam").values("id"))
-        assert cam_plugin.get_run(dataset, "cam")["shards"]["0"]["state"] == "stale"
 
-        second = subprocess.run(
-            [sys.executable, str(script), dataset_name, resnet20], env=env, capture_output=True, timeout=300
-        )
-        assert second.returncode == 0, second.stderr.decode()[-2000:]
-        line = [l for l in second.stdout.decode().splitlines() if l.startswith("RESULT")][0]
-        assert int(line.split()[1]) == len(dataset) - len(frozen)
-
-        dataset.reload()
-        after_takeover = dict(zip(*dataset.values(["id", "last_modified_at"])))
-        first.send_signal(signal.SIGCONT)
-        out = first.communicate(timeout=120)[0].decode()
-    finally:
-        if first.poll() is None:
-            first.send_signal(signal.SIGCONT)
-            first.kill()
+    frozen, second, out, after_takeover = _hung_then_taken_over(
+        dataset, [dataset_name, resnet20], tmp_path, stop=stopped_after_three_samples
+    )
+    line = [l for l in second.splitlines() if l.startswith("RESULT")][0]
+    assert int(line.split()[1]) == len(dataset) - len(frozen)
     assert "was taken over by another worker" in out, out
     dataset.reload()
     # the first worker wrote nothing after it came back

@@ -33,6 +33,8 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
+import torch
+
 import fiftyone as fo
 import fiftyone.core.utils as fou
 
@@ -203,6 +205,75 @@ def _source_hash(obj):
     if isinstance(source, str):
         source = source.encode()
     return hashlib.sha1(source).hexdigest()[:12]
+
+
+@dataclass
+class RunModel:
+    """The model a run that measures a CAM run's outputs uses, resolved.
+
+    Attributes:
+        classifier: the :class:`cam_plugin.models.Classifier`
+        spec: the name or path it was loaded from (None: given in memory)
+        warnings: how it differs from the CAM run's model, if it does
+    """
+
+    classifier: object
+    spec: object
+    warnings: list
+
+
+def cam_run_model(cam_key, cam_config, model, classes, transforms, trust_checkpoint, error_type, outputs, missing):
+    """The model of a run over CAM run ``cam_key``'s outputs: ``model``, or
+    the CAM run's own loaded again (its class names too); warns when it
+    differs from the CAM run's (``outputs`` names what then describes it).
+
+    Args:
+        missing: why there is no CAM run to take the model from, for the
+            error when ``model`` is None and there is none
+    """
+    import warnings
+
+    from ..models import load_classifier
+
+    if model is None:
+        model = cam_config.get("model_spec")
+        if model is None:
+            raise error_type(
+                "Pass model=...: "
+                + (
+                    f"the CAM run '{cam_key}' was given an in-memory model, which cannot be loaded again"
+                    if cam_key
+                    else missing
+                )
+            )
+    if classes is None and cam_config.get("classes"):
+        classes = cam_config["classes"]
+    spec = os.fspath(model) if isinstance(model, (str, os.PathLike)) else None
+    classifier = load_classifier(model, transforms=transforms, classes=classes, trust_checkpoint=trust_checkpoint)
+    found = []
+    if cam_config:
+        if cam_config.get("model_fingerprint") not in (None, classifier.fingerprint):
+            found.append(
+                f"The model differs from the one CAM run '{cam_key}' used "
+                f"({cam_config.get('model')}): {outputs} describe this model"
+            )
+        if cam_config.get("transforms") != stable_identity(classifier.transforms):
+            found.append(
+                f"The transforms differ from those of CAM run '{cam_key}': {outputs} "
+                "describe this preprocessing"
+            )
+    for message in found:
+        warnings.warn(message, stacklevel=4)
+    return RunModel(classifier, spec, found)
+
+
+def run_device(device, batch_size=None, num_workers=None):
+    """``(device, batch size, loader workers)`` of a model run: the GPU when
+    there is one, larger batches there, half the CPUs (at most 8) decoding."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    batch_size = batch_size or (64 if device.type == "cuda" else 16)
+    workers = num_workers if num_workers is not None else min(8, max(1, (os.cpu_count() or 2) // 2))
+    return device, batch_size, workers
 
 
 def model_outputs(run, outcomes_by_batch, ids, output_of, error_type):

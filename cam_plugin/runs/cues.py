@@ -24,7 +24,6 @@ computes the Embeddings panel's visualization of the hotspot patches.
 import io
 import os
 import re
-import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
@@ -38,7 +37,7 @@ from fiftyone import ViewField as F
 from ..cams.capture import LayerCapture, eval_mode, infer_layout
 from ..engine import BatchRunner, ErrorKind, SampleError, image_loader, run_loader
 from ..hotspots import find_hotspots, group_embeddings
-from ..models import input_shape_of, load_classifier
+from ..models import input_shape_of
 from ..regions import region_labels, region_mask
 from ..store.files import RunFiles, _write_atomic
 from ..store.writer import SampleOutput
@@ -54,7 +53,7 @@ from .attention import (
     load_map,
     region_classes_of,
 )
-from .base import RunType, check_collection, model_outputs, stable_identity, values_by_id
+from .base import RunType, cam_run_model, check_collection, model_outputs, run_device, stable_identity, values_by_id
 from .context import CONTEXT_TYPES, class_shares
 
 #: the label of a hotspot before grouping
@@ -196,29 +195,12 @@ class CuesRunType(RunType):
         )
         self.context_targets = int_mask_targets(samples, self.context_field) if self.context_is_mask else {}
 
-        self.warnings = []
-        if model is None:
-            model = cam_config.get("model_spec")
-            if model is None:
-                raise CueError(
-                    f"Pass model=...: the CAM run '{self.cam_key}' was given an in-memory model, "
-                    "which cannot be loaded again"
-                )
-        if classes is None and cam_config.get("classes"):
-            classes = cam_config["classes"]
-        self.model_spec = os.fspath(model) if isinstance(model, (str, os.PathLike)) else None
-        self.classifier = load_classifier(model, transforms=transforms, classes=classes, trust_checkpoint=trust_checkpoint)
-        if cam_config.get("model_fingerprint") not in (None, self.classifier.fingerprint):
-            self.warnings.append(
-                f"The model differs from the one CAM run '{self.cam_key}' used ({cam_config.get('model')}): "
-                "the hotspots' embeddings are this model's features"
-            )
-        for message in self.warnings:
-            warnings.warn(message, stacklevel=3)
-
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.batch_size = batch_size or (64 if self.device.type == "cuda" else 16)
-        self.num_workers = num_workers if num_workers is not None else min(8, max(1, (os.cpu_count() or 2) // 2))
+        resolved = cam_run_model(
+            self.cam_key, cam_config, model, classes, transforms, trust_checkpoint, CueError,
+            "the hotspots' embeddings", None,
+        )
+        self.model_spec, self.classifier, self.warnings = resolved.spec, resolved.classifier, resolved.warnings
+        self.device, self.batch_size, self.num_workers = run_device(device, batch_size, num_workers)
 
         self.output_field = hotspots_field(heatmap_field)
         self.error_field = f"{heatmap_field}_hotspots_error"

@@ -20,8 +20,6 @@ the unmodified image, for the prefix ``P`` this writes:
 """
 
 import hashlib
-import os
-import warnings
 
 import numpy as np
 import torch
@@ -33,7 +31,7 @@ from ..cams.inference import InferenceModels, parallel_streams
 from ..engine import BatchRunner, Variants, image_loader, run_loader
 from ..images import load_rgb
 from ..interventions import check_fill, fill_image, interventions, swap_background
-from ..models import input_shape_of, load_classifier
+from ..models import input_shape_of
 from ..regions import region_mask
 from ..store.writer import SampleOutput
 from . import records
@@ -45,7 +43,7 @@ from .attention import (
     image_class_field,
     region_classes_of,
 )
-from .base import RunType, check_collection, model_outputs, stable_identity, values_by_id
+from .base import RunType, cam_run_model, check_collection, model_outputs, run_device, stable_identity, values_by_id
 
 #: the fields a reliance run writes, after its prefix
 RELIANCE_FIELDS = {
@@ -146,43 +144,13 @@ class RelianceRunType(RunType):
         self.heatmap_field = cam_config.get("heatmap_field")
         self.label_field = image_class_field(samples, cam_config, label_field)
 
-        if model is None:
-            model = cam_config.get("model_spec")
-            if model is None:
-                raise RelianceError(
-                    "Pass model=...: "
-                    + (
-                        f"the CAM run '{self.cam_key}' was given an in-memory model, which "
-                        "cannot be loaded again"
-                        if self.cam_key
-                        else f"no CAM run made '{pred_field}', so there is no model to load again"
-                    )
-                )
-        if classes is None and cam_config.get("classes"):
-            classes = cam_config["classes"]
-        self.model_spec = os.fspath(model) if isinstance(model, (str, os.PathLike)) else None
-        self.classifier = load_classifier(
-            model, transforms=transforms, classes=classes, trust_checkpoint=trust_checkpoint
+        resolved = cam_run_model(
+            self.cam_key, cam_config, model, classes, transforms, trust_checkpoint, RelianceError,
+            "the reliance fields", f"no CAM run made '{pred_field}', so there is no model to load again",
         )
-        if cam_config:
-            if cam_config.get("model_fingerprint") not in (None, self.classifier.fingerprint):
-                self.warnings.append(
-                    f"The model differs from the one CAM run '{self.cam_key}' used "
-                    f"({cam_config.get('model')}): the reliance fields describe this model"
-                )
-            if cam_config.get("transforms") != stable_identity(self.classifier.transforms):
-                self.warnings.append(
-                    f"The transforms differ from those of CAM run '{self.cam_key}': the "
-                    "reliance fields describe this preprocessing"
-                )
-        for message in self.warnings:
-            warnings.warn(message, stacklevel=3)
-
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.batch_size = batch_size or (64 if self.device.type == "cuda" else 16)
-        self.num_workers = (
-            num_workers if num_workers is not None else min(8, max(1, (os.cpu_count() or 2) // 2))
-        )
+        self.model_spec, self.classifier = resolved.spec, resolved.classifier
+        self.warnings += resolved.warnings
+        self.device, self.batch_size, self.num_workers = run_device(device, batch_size, num_workers)
 
         self._fields = reliance_fields(prefix, self.fill)
         self.error_field = reliance_field(prefix, "reliance_error")
