@@ -41,6 +41,23 @@ def _fresh_page(chromium_browser, session, dataset):
         yield page
 
 
+def _color_by(page, path, attempts=3):
+    """Chooses the Embeddings panel's colour field: opens its menu (a
+    combobox), types the field to filter its long list, clicks the option;
+    again if the menu opened before the run's fields were loaded."""
+    for attempt in range(attempts):
+        try:
+            page.locator('.emb-colorby button[aria-label="Color by"]').first.click(timeout=30_000)
+            page.locator("input.emb-colorby-input").first.fill(path, timeout=15_000)
+            page.locator('.emb-colorby-panel [role="option"]').filter(has_text=path).first.click(timeout=15_000)
+            return
+        except Exception:
+            page.keyboard.press("Escape")
+            if attempt == attempts - 1:
+                raise
+            time.sleep(2)
+
+
 def test_the_cues_panel_lists_the_groups_and_opens_one(app, chromium_browser, demo_dataset, shots):
     session, _ = app
     test = demo_dataset.match_tags("test")
@@ -83,8 +100,8 @@ def test_the_embeddings_panel_colours_the_hotspots_by_group(app, chromium_browse
         page.get_by_text(f"{len(test)} samples").first.wait_for(timeout=60_000)
         browser.open_panel(page, "Embeddings")
         page.get_by_text(brain_key, exact=True).first.click(timeout=60_000)
-        page.get_by_text("Color by").first.click(timeout=60_000)
-        page.get_by_text(f"{cam_plugin.hotspots_field('cam')}.detections.label", exact=True).first.click(timeout=15_000)
+        page.locator(".emb-plot").first.wait_for(timeout=60_000)
+        _color_by(page, f"{cam_plugin.hotspots_field('cam')}.detections.label")
         # the legend: one entry per group, with its number of points
         for g in groups:
             entry = page.get_by_text(g.name, exact=True).last

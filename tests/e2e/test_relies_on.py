@@ -89,10 +89,23 @@ def test_the_panel_shows_reliance_and_context_and_a_cell_opens_its_samples(app, 
         column = x_ticks.index(context_class)
         expected = len(cam_plugin.context_view(demo_dataset, class_name, context_class))
         assert 0 < expected < len(test), "the click must change the count"
-        area = context.locator(".nsewdrag").first.bounding_box()
-        cell_w, cell_h = area["width"] / len(x_ticks), area["height"] / len(y_ticks)
-        page.mouse.click(area["x"] + (column + 0.5) * cell_w, area["y"] + cell_h / 2)
-        page.get_by_text(f"{expected} samples").first.wait_for(timeout=30_000)
+        # Plotly clicks the point it hovers: hover first (its hover is
+        # throttled, so a click at once may find none), then click; again
+        # with fresh geometry if the panel re-laid itself out meanwhile
+        for attempt in range(3):
+            area = context.locator(".nsewdrag").first.bounding_box()
+            cell_w, cell_h = area["width"] / len(x_ticks), area["height"] / len(y_ticks)
+            x, y = area["x"] + (column + 0.5) * cell_w, area["y"] + cell_h / 2
+            page.mouse.move(x - 2, y)
+            page.mouse.move(x, y, steps=3)
+            time.sleep(0.5)
+            page.mouse.click(x, y)
+            try:
+                page.get_by_text(f"{expected} samples").first.wait_for(timeout=20_000)
+                break
+            except Exception:
+                if attempt == 2:
+                    raise
     session.view = test
 
 
