@@ -639,12 +639,7 @@ def _remove_outputs(dataset, config, owns_files):
         for path in (g.get("thumbnails") or []) + [g.get("strip")]:
             if path and os.path.isfile(path):
                 os.remove(path)
-    for name in config.get("saved_views") or []:
-        if dataset.has_saved_view(name):
-            dataset.delete_saved_view(name)
-    for brain_key in config.get("brain_keys") or []:
-        if brain_key in dataset.list_brain_runs():
-            dataset.delete_brain_run(brain_key)
+    records.delete_saved_outputs(dataset, config)
 
 
 def _cue_run_of(samples, heatmap_field):

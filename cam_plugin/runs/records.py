@@ -595,17 +595,22 @@ def delete_run(samples, key, cleanup_files=True):
             else:
                 _hand_over(files_dir, config, heir)
 
-    # saved views and brain runs the run made (a cue run's groups)
+    delete_saved_outputs(dataset, config)
+
+    dataset.delete_run(key)
+    dataset.reload()
+    return removed
+
+
+def delete_saved_outputs(dataset, config):
+    """Deletes the saved views and brain runs a run made (a cue run's
+    groups), as its record lists them."""
     for name in config.get("saved_views") or []:
         if dataset.has_saved_view(name):
             dataset.delete_saved_view(name)
     for brain_key in config.get("brain_keys") or []:
         if brain_key in dataset.list_brain_runs():
             dataset.delete_brain_run(brain_key)
-
-    dataset.delete_run(key)
-    dataset.reload()
-    return removed
 
 
 def files_owner(config):
